@@ -1,0 +1,156 @@
+"""The ``retain`` command line: a thin layer over library calls a user could make from Python.
+
+Every user error (unknown task, missing file, malformed flag) prints one line ``retain: error: ...`` to stderr
+and exits with code 2, having written nothing.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+try:  # typer >= 0.20 vendors its own click
+    from typer._click import exceptions as click_errors
+except ImportError:  # pragma: no cover
+    from click import exceptions as click_errors
+
+from retain.errors import RetainError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__.splitlines()[0])
+
+
+def _quiet_libraries() -> None:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
+
+
+@app.command()
+def pretrain(
+    out: Path = typer.Option(Path("runs/base"), help="directory to write the HF model to"),
+    preset: str = typer.Option("tiny", help="model size preset"),
+    steps: int = typer.Option(1500, min=1, help="optimizer steps"),
+    batch_size: int = typer.Option(128, min=1),
+    lr: float = typer.Option(2e-3, min=0.0),
+    seed: int = typer.Option(0),
+    eval_n: int = typer.Option(256, min=1, help="prompts per task in the final evaluation"),
+) -> None:
+    """Train the embedded base model from scratch on the prior-skill mixture."""
+    from rich.console import Console
+    from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+
+    from retain.models.pretrain import PretrainConfig
+    from retain.models.pretrain import pretrain as run_pretrain
+
+    cfg = _validated(PretrainConfig, preset=preset, steps=steps, batch_size=batch_size, lr=lr, seed=seed, eval_n=eval_n)
+    console = Console(stderr=True)
+    with Progress(TextColumn("pretrain"), BarColumn(), TextColumn("{task.completed}/{task.total} loss {task.fields[loss]}"),
+                  TimeRemainingColumn(), console=console, transient=True) as bar:
+        job = bar.add_task("pretrain", total=cfg.steps, loss="-")
+        result = run_pretrain(cfg, out, log=lambda r: bar.update(job, completed=r["step"], loss=f"{r.get('loss', 0):.3f}"))
+    console.print(f"wrote {out} ({result['parameters']:,} parameters, {result['train_seconds']} s training, "
+                  f"peak RSS {result['peak_rss_mb']} MB)")
+    _print_scores(result["eval"])
+
+
+@app.command("eval")
+def eval_cmd(
+    model: str = typer.Option("base", help="HF model directory, hub name, or 'base' (the embedded model)"),
+    tasks: str = typer.Option("prior,sequence", help="comma-separated task names or groups (prior, sequence)"),
+    samples: int = typer.Option(0, min=0, help="K samples per prompt for pass@K (0: greedy only)"),
+    n: int = typer.Option(200, min=1, help="prompts per task"),
+    split: str = typer.Option("test", help="split to evaluate (test, ood, ...)"),
+    seed: int = typer.Option(0),
+    as_json: bool = typer.Option(False, "--json", help="print JSON: {task: {accuracy, pass_at_k, k, n}}"),
+    trust_remote_code: bool = typer.Option(False, help="allow the model's own code to run (off by default)"),
+) -> None:
+    """Evaluate a model: greedy accuracy and pass@K per task."""
+    from retain import tasks as task_registry
+    from retain.evaluate import evaluate
+    from retain.models.loading import load_model
+
+    names = task_registry.resolve(tasks)  # validate names before loading anything
+    lm, tok = load_model(model, trust_remote_code=trust_remote_code)
+    scores = evaluate(lm, tok, names, n=n, samples=samples, split=split, seed=seed)
+    if as_json:
+        print(json.dumps(scores))
+    else:
+        _print_scores(scores)
+
+
+@app.command()
+def demo(
+    samples: int = typer.Option(16, min=0, help="K for pass@K"),
+    n: int = typer.Option(256, min=1, help="prompts per task"),
+) -> None:
+    """The main job. For now: load the embedded base model and print its evaluation on every task."""
+    from retain.evaluate import evaluate
+    from retain.models.loading import load_model
+
+    lm, tok = load_model("base")
+    prior = evaluate(lm, tok, "prior", n=n, samples=0)
+    sequence = evaluate(lm, tok, "sequence", n=n, samples=samples)
+    ood = evaluate(lm, tok, "sequence", n=n, samples=samples, split="ood")
+    _print_scores(prior, "prior skills (test split)")
+    _print_scores(sequence, "sequence tasks (test split)")
+    _print_scores(ood, "sequence tasks (ood split)")
+
+
+def _validated(model_cls, **values):
+    from pydantic import ValidationError
+
+    try:
+        return model_cls(**values)
+    except ValidationError as err:
+        first = err.errors()[0]
+        field = ".".join(str(p) for p in first["loc"]) or model_cls.__name__
+        raise RetainError(f"invalid value for {field}: {first['msg']}") from None
+
+
+def _print_scores(scores: dict, title: str = "evaluation") -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=title)
+    for col in ("task", "split", "n", "greedy acc", "pass@k", "k"):
+        table.add_column(col, justify="right" if col != "task" else "left")
+    for name, s in scores.items():
+        table.add_row(name, s.get("split", ""), str(s["n"]), f"{s['accuracy']:.3f}",
+                      f"{s['pass_at_k']:.3f}" if "pass_at_k" in s else "-", str(s.get("k", "-")))
+    Console().print(table)
+
+
+def main(argv: Optional[list[str]] = None) -> None:
+    """Entry point: runs the typer app, turning every user error into one line and exit code 2."""
+    _quiet_libraries()
+    try:
+        app(args=argv, standalone_mode=False)
+    except RetainError as err:
+        print(f"retain: error: {err}", file=sys.stderr)
+        sys.exit(2)
+    except click_errors.NoArgsIsHelpError as err:
+        print(err.ctx.get_help() if err.ctx else "usage: retain COMMAND --help")
+        sys.exit(0)
+    except click_errors.UsageError as err:
+        where = f" (see `{err.ctx.command_path} --help`)" if err.ctx else ""
+        print(f"retain: error: {err.format_message()}{where}", file=sys.stderr)
+        sys.exit(2)
+    except click_errors.ClickException as err:
+        print(f"retain: error: {err.format_message()}", file=sys.stderr)
+        sys.exit(2)
+    except typer.Abort:
+        print("retain: aborted", file=sys.stderr)
+        sys.exit(130)
+    except typer.Exit as exit_:
+        sys.exit(exit_.exit_code)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,73 @@
+"""Turning (prompt, answer) text into token tensors, the one way every trainer and evaluator does it.
+
+A training sequence is ``chat(prompt) + answer + eos``; labels are -100 on the prompt part, so the loss is
+over the answer and the end-of-sequence token only (what SFT trains and what generation must reproduce).
+Batches are right-padded for training and left-padded for generation.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+from transformers import PreTrainedTokenizerBase
+
+IGNORE = -100
+
+
+def encode_prompt(tok: PreTrainedTokenizerBase, prompt: str) -> list[int]:
+    """Token ids of the chat-formatted prompt, ending with the assistant marker (the generation prompt)."""
+    ids = tok.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=True)
+    if isinstance(ids, dict) or hasattr(ids, "keys"):
+        ids = ids["input_ids"]
+    return list(ids)
+
+
+def encode_answer(tok: PreTrainedTokenizerBase, answer: str) -> list[int]:
+    """Token ids of an answer followed by eos (where generation stops)."""
+    return list(tok(answer, add_special_tokens=False)["input_ids"]) + [tok.eos_token_id]
+
+
+@dataclass
+class TokenBatch:
+    """A right-padded batch: ``labels`` is -100 outside the answer tokens."""
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    labels: torch.Tensor
+    step_tokens: int | None = None  # target tokens in the whole optimizer step (for the loss denominator)
+
+    @property
+    def num_target_tokens(self) -> int:
+        return int((self.labels != IGNORE).sum())
+
+
+def collate(sequences: Sequence[tuple[list[int], list[int]]], pad_id: int) -> TokenBatch:
+    """Right-pad (prompt_ids, answer_ids) pairs into one batch with prompt positions masked from the loss."""
+    length = max(len(p) + len(a) for p, a in sequences)
+    n = len(sequences)
+    input_ids = torch.full((n, length), pad_id, dtype=torch.long)
+    labels = torch.full((n, length), IGNORE, dtype=torch.long)
+    mask = torch.zeros((n, length), dtype=torch.long)
+    for i, (p, a) in enumerate(sequences):
+        ids = p + a
+        input_ids[i, : len(ids)] = torch.tensor(ids)
+        labels[i, len(p) : len(ids)] = torch.tensor(a)
+        mask[i, : len(ids)] = 1
+    return TokenBatch(input_ids, mask, labels)
+
+
+def encode_pairs(tok: PreTrainedTokenizerBase, pairs: Sequence[tuple[str, str]]) -> TokenBatch:
+    return collate([(encode_prompt(tok, p), encode_answer(tok, a)) for p, a in pairs], tok.pad_token_id)
+
+
+def left_pad(prompts: Sequence[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left-pad prompt ids for batched generation: (input_ids, attention_mask)."""
+    length = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), length), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(prompts), length), dtype=torch.long)
+    for i, p in enumerate(prompts):
+        ids[i, length - len(p) :] = torch.tensor(p)
+        mask[i, length - len(p) :] = 1
+    return ids, mask

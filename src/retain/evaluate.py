@@ -1,0 +1,79 @@
+"""Batched evaluation of a model on tasks: greedy accuracy and pass@K.
+
+- accuracy: the share of prompts whose greedy completion is correct (``task.is_correct``).
+- pass@K: with K samples per prompt at temperature 1.0 (no top-k/top-p), the share of prompts with at least one
+  correct sample — the unbiased estimator 1 − C(n−c, k)/C(n, k) with n = k samples (Chen et al. 2021).
+Prompts come from the task's ``test`` split unless another split is named; ``n`` caps their number.
+"""
+
+from __future__ import annotations
+
+from math import comb
+from typing import Any, Sequence
+
+import torch
+from transformers import PreTrainedTokenizerBase
+
+from retain import tasks as task_registry
+from retain.rollout import RolloutEngine, make_engine
+
+DEFAULT_MAX_NEW_TOKENS = 24
+
+
+def pass_at_k(num_samples: int, num_correct: int, k: int) -> float:
+    """Unbiased pass@k from ``num_samples`` samples of which ``num_correct`` are correct."""
+    if num_samples - num_correct < k:
+        return 1.0
+    return 1.0 - comb(num_samples - num_correct, k) / comb(num_samples, k)
+
+
+def evaluate_task(
+    engine: RolloutEngine,
+    task_name: str,
+    n: int | None = 200,
+    samples: int = 0,
+    split: str = "test",
+    seed: int = 0,
+) -> dict[str, Any]:
+    """``{"accuracy", "n"}`` plus ``{"pass_at_k", "k"}`` when ``samples`` > 0, for one task and split."""
+    task = task_registry.get(task_name)
+    examples = task.examples(split, n, seed=seed)
+    prompts = [e.prompt for e in examples]
+    max_new = getattr(task, "max_new_tokens", DEFAULT_MAX_NEW_TOKENS)
+    greedy = engine.generate(prompts, n=1, greedy=True, max_new_tokens=max_new)
+    correct = [task.is_correct(e.prompt, text, e.answer) for e, text in zip(examples, greedy.texts)]
+    result: dict[str, Any] = {"accuracy": sum(correct) / max(1, len(correct)), "n": len(correct), "split": split}
+    if samples > 0:
+        sampled = engine.generate(prompts, n=samples, temperature=1.0, max_new_tokens=max_new, seed=seed + 1)
+        per_prompt = [0] * len(prompts)
+        for i, text in zip(sampled.group, sampled.texts):
+            per_prompt[i] += task.is_correct(prompts[i], text, examples[i].answer)
+        result["pass_at_k"] = sum(pass_at_k(samples, c, samples) for c in per_prompt) / max(1, len(prompts))
+        result["k"] = samples
+        result["sample_accuracy"] = sum(per_prompt) / max(1, len(prompts) * samples)
+    return result
+
+
+def evaluate(
+    model: torch.nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    task_names: Sequence[str] | str,
+    n: int | None = 200,
+    samples: int = 0,
+    split: str = "test",
+    seed: int = 0,
+    engine: str = "cached",
+    batch_size: int = 256,
+) -> dict[str, dict[str, Any]]:
+    """Evaluate every task (names or groups); returns ``{task: {"accuracy", "n", ["pass_at_k", "k"]}}``."""
+    rollout = make_engine(engine, model, tokenizer, batch_size)
+    return {
+        name: evaluate_task(rollout, name, n=n, samples=samples, split=_split_for(name, split), seed=seed)
+        for name in task_registry.resolve(task_names)
+    }
+
+
+def _split_for(task_name: str, split: str) -> str:
+    """Tasks without the asked split (facts has no ``ood``) fall back to ``test``."""
+    splits = task_registry.get(task_name).splits
+    return split if split in splits else "test"

@@ -1,0 +1,79 @@
+"""Loading a causal LM and its tokenizer: the embedded base model, any local HF directory, or a hub name.
+
+Weights load from safetensors only (``use_safetensors=True``): a directory holding only pickled ``.bin`` weights
+is refused rather than unpickled. ``trust_remote_code`` stays off unless the caller passes it.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+from retain.errors import RetainError
+
+EMBEDDED_DIR = Path(__file__).resolve().parent.parent / "embedded" / "base"
+BASE = "base"
+
+
+def resolve_model_path(spec: str | Path) -> str:
+    """``base`` → the embedded model's directory; an existing directory → itself (checked); else a hub name."""
+    spec = str(spec)
+    if spec == BASE:
+        if not (EMBEDDED_DIR / "config.json").exists():
+            raise RetainError(f"the embedded base model is missing at {EMBEDDED_DIR}; run `retain pretrain` to build it")
+        return str(EMBEDDED_DIR)
+    path = Path(spec).expanduser()
+    if path.exists():
+        if not path.is_dir():
+            raise RetainError(f"model {spec!r} is a file; give a Hugging Face model directory")
+        if not (path / "config.json").exists():
+            raise RetainError(f"model directory {spec!r} has no config.json")
+        if not any(path.glob("*.safetensors")):
+            pickled = [p.name for p in path.glob("*.bin")] + [p.name for p in path.glob("*.pt")]
+            extra = f" (found {', '.join(pickled)}: pickled weights are not loaded)" if pickled else ""
+            raise RetainError(f"model directory {spec!r} has no .safetensors weights{extra}")
+        return str(path)
+    if spec.startswith((".", "/", "~")) or spec.count("/") != 1:
+        raise RetainError(f"model {spec!r}: no such directory (and not a hub name like 'Qwen/Qwen2.5-0.5B-Instruct')")
+    return spec
+
+
+def load_tokenizer(spec: str | Path, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
+    path = resolve_model_path(spec)
+    try:
+        tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as err:
+        raise RetainError(f"cannot load the tokenizer of {spec!r}: {_first_line(err)}") from None
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    tok.padding_side = "left"
+    return tok
+
+
+def load_model(
+    spec: str | Path,
+    *,
+    trust_remote_code: bool = False,
+    dtype: torch.dtype | None = None,
+    device: str | torch.device | None = None,
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """(model, tokenizer) for ``spec``: ``base``, a local HF causal-LM directory, or a hub name."""
+    path = resolve_model_path(spec)
+    tok = load_tokenizer(spec, trust_remote_code)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            path, use_safetensors=True, trust_remote_code=trust_remote_code, dtype=dtype or torch.float32
+        )
+    except (OSError, ValueError) as err:
+        raise RetainError(f"cannot load model {spec!r}: {_first_line(err)}") from None
+    if device is not None:
+        model.to(device)
+    model.eval()
+    return model, tok
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip().splitlines()
+    return text[0] if text else type(err).__name__

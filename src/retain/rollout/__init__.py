@@ -1,0 +1,28 @@
+"""Sampling engines behind one interface (``RolloutEngine``); ``make_engine`` picks one by name."""
+
+from __future__ import annotations
+
+import torch
+from transformers import PreTrainedTokenizerBase
+
+from retain.errors import RetainError
+from retain.rollout.base import Rollout, RolloutEngine
+
+ENGINES = ("cached", "hf", "vllm")
+
+
+def make_engine(name: str, model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, batch_size: int = 256) -> RolloutEngine:
+    if name == "cached":
+        from retain.rollout.hf import CachedSamplerEngine
+
+        return CachedSamplerEngine(model, tokenizer, batch_size)
+    if name == "hf":
+        from retain.rollout.hf import HFGenerateEngine
+
+        return HFGenerateEngine(model, tokenizer, batch_size)
+    if name == "vllm":
+        raise RetainError("rollout engine 'vllm' needs the vllm package and a GPU (pip install 'retain[vllm]')")
+    raise RetainError(f"unknown rollout engine {name!r} (engines: {', '.join(ENGINES)})")
+
+
+__all__ = ["Rollout", "RolloutEngine", "make_engine", "ENGINES"]
