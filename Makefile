@@ -1,0 +1,40 @@
+# Two commands from a fresh clone: `make demo` and `make test`. Both build .venv first.
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+export HF_HUB_OFFLINE := 1
+export TOKENIZERS_PARALLELISM := false
+
+.PHONY: demo test bench base setup clean
+
+setup: $(STAMP)
+
+# On a machine without an NVIDIA GPU, torch 2.13.0 (CPU wheel) goes in first and pinned; everything else
+# is then installed under constraints-cpu.txt so nothing can pull a CUDA build.
+$(STAMP): pyproject.toml constraints-cpu.txt
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	@if command -v nvidia-smi >/dev/null 2>&1; then \
+		$(BIN)/pip install -q -e ".[test]"; \
+	else \
+		$(BIN)/pip install -q torch==2.13.0 && \
+		$(BIN)/pip install -q -c constraints-cpu.txt -e ".[test]"; \
+	fi
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/retain demo
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q
+
+bench: $(STAMP)
+	$(BIN)/python bench/run.py
+
+# Rebuild the embedded base model shipped in src/retain/embedded/base (deterministic for the seed).
+base: $(STAMP)
+	$(BIN)/retain pretrain --out src/retain/embedded/base
+
+clean:
+	rm -rf $(VENV) .pytest_cache .hypothesis build dist src/*.egg-info
