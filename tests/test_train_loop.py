@@ -14,7 +14,7 @@ PAIRS = [(f"reverse {w}", w[::-1]) for w in ["abc", "hello", "xyz", "lemon", "ki
 def sft_objective(tokenizer, batch_size=8, micro=None, seed=0):
     encoded = [(encode_prompt(tokenizer, p), encode_answer(tokenizer, a)) for p, a in PAIRS]
 
-    def sampler(rng: random.Random, k: int):
+    def sampler(rng: random.Random, k: int, step: int):
         return [rng.choice(encoded) for _ in range(k)]
 
     return SFTObjective(sampler, tokenizer.pad_token_id, batch_size, micro, seed=seed)

@@ -86,6 +86,37 @@ def eval_cmd(
 
 
 @app.command()
+def run(
+    config: Path = typer.Argument(..., help="experiment YAML"),
+    out: Path = typer.Option(..., "--out", help="run directory (resumed if it holds an interrupted run)"),
+    quiet: bool = typer.Option(False, help="no progress display"),
+) -> None:
+    """Run a continual experiment: stages, evaluation after each, metrics and shift in OUT/results.json."""
+    from retain.config import load_experiment
+    from retain.runner import run_experiment
+
+    cfg = load_experiment(config)  # every config error surfaces here, before OUT exists
+    with _stage_progress(quiet) as progress:
+        results = run_experiment(cfg, out, progress)
+    _print_results(results)
+
+
+@app.command()
+def compare(
+    runs: list[Path] = typer.Argument(..., help="run directories"),
+    csv_out: bool = typer.Option(False, "--csv", help="CSV instead of a markdown table"),
+    parquet: Optional[Path] = typer.Option(None, help="also write every row to this parquet file (DuckDB-queryable)"),
+) -> None:
+    """Compare finished runs: one row per run with its metrics and shift."""
+    from retain.compare import compare_rows, to_csv, to_markdown, to_parquet
+
+    rows = compare_rows(runs)
+    print(to_csv(rows) if csv_out else to_markdown(rows))
+    if parquet is not None:
+        to_parquet(rows, parquet)
+
+
+@app.command()
 def demo(
     samples: int = typer.Option(16, min=0, help="K for pass@K"),
     n: int = typer.Option(256, min=1, help="prompts per task"),
@@ -101,6 +132,65 @@ def demo(
     _print_scores(prior, "prior skills (test split)")
     _print_scores(sequence, "sequence tasks (test split)")
     _print_scores(ood, "sequence tasks (ood split)")
+
+
+class _stage_progress:
+    """A rich progress bar per stage (steps, loss, ETA) on stderr; silent when asked or not on a terminal."""
+
+    def __init__(self, quiet: bool) -> None:
+        self.quiet = quiet
+
+    def __enter__(self):
+        from rich.console import Console
+        from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+        console = Console(stderr=True)
+        self.console = console
+        self.bar = None if self.quiet else Progress(
+            TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+            TextColumn("{task.fields[info]}"), TimeElapsedColumn(), TimeRemainingColumn(), console=console,
+        )
+        if self.bar:
+            self.bar.start()
+        self.job = None
+        return self.update
+
+    def update(self, event: str, data: dict) -> None:
+        if self.bar is None:
+            return
+        if event == "stage_start":
+            self.job = self.bar.add_task(f"stage {data['stage']} {data['task']} ({data['method']})",
+                                         total=data["steps"], info="")
+        elif event == "step" and self.job is not None and "step" in data:
+            info = " ".join(f"{k} {data[k]:.3f}" for k in ("loss", "reward") if isinstance(data.get(k), float))
+            self.bar.update(self.job, completed=data["step"], info=info)
+        elif event == "eval":
+            self.console.log(f"evaluating after stage {data['stage']}")
+
+    def __exit__(self, *exc) -> None:
+        if self.bar:
+            self.bar.stop()
+
+
+def _print_results(results: dict) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"accuracy matrix — {results['config']['name']} (rows: after stage k; 0 = base)")
+    table.add_column("stage")
+    for column in results["eval_tasks"]:
+        table.add_column(column, justify="right")
+    for k, row in enumerate(results["matrix"]):
+        table.add_row(str(k) if k == 0 else f"{k} {results['tasks'][k - 1]}", *[f"{v:.3f}" for v in row])
+    console = Console()
+    console.print(table)
+    m = results["metrics"]
+    fmt = lambda v: "-" if v is None else f"{v:+.4f}"  # noqa: E731
+    console.print(
+        "AA " + fmt(m["average_accuracy"]) + "  FM " + fmt(m["forgetting_measure"]) + "  BWT "
+        + fmt(m["backward_transfer"]) + "  FWT " + fmt(m["forward_transfer"]) + "  gain " + fmt(m["target_gain"])
+        + "  prior drop " + fmt(m["prior_drop"])
+    )
 
 
 def _validated(model_cls, **values):

@@ -36,7 +36,9 @@ class TokenBatch:
     input_ids: torch.Tensor
     attention_mask: torch.Tensor
     labels: torch.Tensor
-    step_tokens: int | None = None  # target tokens in the whole optimizer step (for the loss denominator)
+    step_tokens: int | None = None  # target tokens in the whole optimizer step (the loss denominator)
+    step_positions: int | None = None  # attended positions in the whole step (LwF's denominator)
+    first: bool = True  # the step's first micro-batch (per-step terms such as weight penalties go here)
 
     @property
     def num_target_tokens(self) -> int:

@@ -97,6 +97,7 @@ class Trainer:
         checkpoint_dir: str | Path | None = None,
         log: Callable[[dict[str, Any]], None] | None = None,
         accelerator: Any = None,
+        on_step: Callable[[int, torch.nn.Module], None] | None = None,
     ) -> None:
         from accelerate import Accelerator
 
@@ -104,6 +105,7 @@ class Trainer:
         self.cfg = cfg
         self.objective = objective
         self.log = log or (lambda record: None)
+        self.on_step = on_step  # called after every optimizer step (and its checkpoint) with (step, model)
         self.checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir else None
         self.accelerator = accelerator or Accelerator(cpu=not torch.cuda.is_available())
         optimizer = make_optimizer(model, cfg)
@@ -143,6 +145,8 @@ class Trainer:
                 window = []
             if self.checkpoint_dir and self.cfg.checkpoint_every and self.step % self.cfg.checkpoint_every == 0:
                 self.save_checkpoint(self.checkpoint_dir)
+            if self.on_step is not None:
+                self.on_step(self.step, self.unwrapped)
         return self.unwrapped
 
     def _one_step(self) -> tuple[dict[str, float], bool]:

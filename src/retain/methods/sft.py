@@ -1,58 +1,104 @@
-"""Supervised finetuning on (prompt, answer) token pairs, the objective pretraining uses too.
+"""The SFT family's objective: −log π on answer tokens, optionally reweighted, plus regularisers.
 
-Loss: −log π(y_t) summed over answer tokens (eos included) and divided by the number of answer tokens in the
-optimizer step's batch (TRL SFTTrainer's convention), computed in float32. ``token_weights`` lets a method
-(EAFT, conflict masking) weight tokens without changing the reduction.
+Loss of one optimizer step: Σ_t w_t·(−log π(y_t)) / N + Σ regularisers, N = the number of answer tokens (eos
+included) in the whole step's batch — TRL SFTTrainer's reduction, also for weighted losses (EAFT, masking), which
+lower the loss rather than renormalise it. Each micro-batch contributes its share, so gradient accumulation
+changes nothing. Pretraining uses this objective too, with no weighting and no regulariser.
 """
 
 from __future__ import annotations
 
 import random
-from typing import Callable, Sequence
+from typing import Callable, Protocol, Sequence
 
 import torch
-import torch.nn.functional as F
 
 from retain.data import IGNORE, TokenBatch, collate
+from retain.losses import confident_conflict_mask, eaft_weights, sft_loss
 
 Pair = tuple[list[int], list[int]]  # (prompt ids, answer ids ending with eos)
-Sampler = Callable[[random.Random, int], Sequence[Pair]]
+Sampler = Callable[[random.Random, int, int], Sequence[Pair]]  # (rng, k, step) -> token pairs
+# (logits [B,T,V], targets [B,T], mask [B,T]) -> (weights or None, mask)
+TokenWeighting = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], tuple[torch.Tensor | None, torch.Tensor]]
+
+
+class Regularizer(Protocol):
+    def penalty(
+        self, model: torch.nn.Module, batch: TokenBatch, logits: torch.Tensor, first: bool
+    ) -> tuple[torch.Tensor, dict[str, float]]: ...
+
+
+def nll_weighting(logits, targets, mask):
+    return None, mask
+
+
+def eaft_weighting(k: int, alpha: float) -> TokenWeighting:
+    def weigh(logits, targets, mask):
+        return eaft_weights(logits, k=k, alpha=alpha), mask
+
+    return weigh
+
+
+def conflict_masking(entropy_max: float, prob_max: float) -> TokenWeighting:
+    def weigh(logits, targets, mask):
+        return None, mask & ~confident_conflict_mask(logits, targets, entropy_max, prob_max)
+
+    return weigh
 
 
 class SFTObjective:
-    """Each step draws ``batch_size`` pairs from ``sampler`` (seeded by ``(seed, step)``, so resume is exact) and
-    splits them into micro-batches of ``micro_batch_size``."""
+    """Each step draws ``batch_size`` token pairs from ``sampler`` (seeded by ``(seed, step)``, so resume is exact)
+    and splits them into micro-batches of ``micro_batch_size``."""
 
-    def __init__(self, sampler: Sampler, pad_id: int, batch_size: int, micro_batch_size: int | None = None, seed: int = 0):
+    def __init__(
+        self,
+        sampler: Sampler,
+        pad_id: int,
+        batch_size: int,
+        micro_batch_size: int | None = None,
+        seed: int = 0,
+        weighting: TokenWeighting = nll_weighting,
+        regularizers: Sequence[Regularizer] = (),
+    ) -> None:
         self.sampler = sampler
         self.pad_id = pad_id
         self.batch_size = batch_size
         self.micro = micro_batch_size or batch_size
         self.seed = seed
+        self.weighting = weighting
+        self.regularizers = list(regularizers)
 
     def batches(self, step: int) -> list[TokenBatch]:
         rng = random.Random(self.seed * 1_000_003 + step)
-        pairs = list(self.sampler(rng, self.batch_size))
+        pairs = list(self.sampler(rng, self.batch_size, step))
         chunks = [collate(pairs[i : i + self.micro], self.pad_id) for i in range(0, len(pairs), self.micro)]
         step_tokens = sum(c.num_target_tokens for c in chunks)
-        for chunk in chunks:
-            chunk.step_tokens = step_tokens
+        step_positions = sum(int(c.attention_mask[:, 1:].sum()) for c in chunks)  # positions that predict a token
+        for i, chunk in enumerate(chunks):
+            chunk.step_tokens, chunk.step_positions, chunk.first = step_tokens, step_positions, i == 0
         return chunks
 
     def loss(self, model: torch.nn.Module, batch: TokenBatch) -> tuple[torch.Tensor, dict[str, float]]:
         device = next(model.parameters()).device
         logits = model(input_ids=batch.input_ids.to(device), attention_mask=batch.attention_mask.to(device)).logits
-        loss = next_token_ce(logits, batch.labels.to(device), denominator=batch.step_tokens)
-        return loss, {"tokens": float(batch.num_target_tokens)}
+        logits, targets = logits[:, :-1], batch.labels[:, 1:].to(device)
+        mask = targets != IGNORE
+        weights, kept = self.weighting(logits, targets, mask)
+        loss = sft_loss(logits, kept, weights, targets=targets, num_items=batch.step_tokens)
+        metrics = {"token_loss": float(loss.detach()), "tokens": float(mask.sum())}
+        if kept is not mask:
+            metrics["kept_share"] = float(kept.sum()) / max(1, int(mask.sum()))
+        if weights is not None:
+            metrics["mean_weight"] = float(weights[mask].mean()) if mask.any() else 0.0
+        for reg in self.regularizers:
+            extra, reg_metrics = reg.penalty(model, batch, logits, batch.first)
+            loss = loss + extra
+            metrics.update(reg_metrics)
+        return loss, metrics
 
 
 def next_token_ce(logits: torch.Tensor, labels: torch.Tensor, denominator: int | None = None) -> torch.Tensor:
-    """Σ −log p over positions whose label is not IGNORE (logits at t predict label t+1), divided by
-    ``denominator`` (default: this batch's target-token count)."""
-    shift_logits = logits[:, :-1, :].float()
-    shift_labels = labels[:, 1:]
-    total = F.cross_entropy(
-        shift_logits.reshape(-1, shift_logits.shape[-1]), shift_labels.reshape(-1), ignore_index=IGNORE, reduction="sum"
-    )
-    count = denominator if denominator is not None else int((shift_labels != IGNORE).sum())
-    return total / max(1, count)
+    """Σ −log p over positions whose label is not IGNORE (logits at t predict label t+1) / ``denominator``."""
+    targets = labels[:, 1:]
+    mask = targets != IGNORE
+    return sft_loss(logits[:, :-1], mask, targets=targets, num_items=denominator)

@@ -69,7 +69,7 @@ def pretrain_split(task_name: str) -> str:
     return "pretrain" if "pretrain" in task_registry.get(task_name).splits else "train"
 
 
-def mixture_sampler(tokenizer, mixture: dict[str, float]) -> Callable[[random.Random, int], list[Pair]]:
+def mixture_sampler(tokenizer, mixture: dict[str, float]) -> Callable[[random.Random, int, int], list[Pair]]:
     """Encode every task's pretraining pool once; each call draws tasks by weight, then an example uniformly."""
     names = [n for n, w in mixture.items() if w > 0]
     weights = [mixture[n] for n in names]
@@ -78,7 +78,7 @@ def mixture_sampler(tokenizer, mixture: dict[str, float]) -> Callable[[random.Ra
         examples = task_registry.get(name).examples(pretrain_split(name), None, seed=0)
         pools[name] = [(encode_prompt(tokenizer, e.prompt), encode_answer(tokenizer, e.answer)) for e in examples]
 
-    def sample(rng: random.Random, k: int) -> list[Pair]:
+    def sample(rng: random.Random, k: int, step: int = 0) -> list[Pair]:
         return [rng.choice(pools[name]) for name in rng.choices(names, weights, k=k)]
 
     return sample

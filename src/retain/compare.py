@@ -1,0 +1,95 @@
+"""Across runs: one flat table of every run's metrics and shift, as markdown, CSV or a parquet file (which DuckDB,
+pandas or polars query directly: ``SELECT method, avg(prior_drop) FROM 'runs.parquet' GROUP BY method``)."""
+
+from __future__ import annotations
+
+import csv
+import io
+from pathlib import Path
+from typing import Any, Sequence
+
+from retain.errors import RetainError
+from retain.io import read_json
+
+COLUMNS = [
+    "run", "name", "method", "seed", "stages", "average_accuracy", "forgetting_measure", "backward_transfer",
+    "forward_transfer", "target_gain", "prior_drop", "forward_kl", "reverse_kl", "weight_l2",
+]
+
+
+def load_results(run_dir: str | Path) -> dict[str, Any]:
+    path = Path(run_dir) / "results.json"
+    if not path.is_file():
+        raise RetainError(f"{run_dir}: no results.json (not a finished retain run)")
+    try:
+        return read_json(path)
+    except ValueError:
+        raise RetainError(f"{path}: not valid JSON") from None
+
+
+def _last(values: list[Any] | None) -> Any:
+    return values[-1] if values else None
+
+
+def run_row(run_dir: str | Path, results: dict[str, Any]) -> dict[str, Any]:
+    cfg = results["config"]
+    stage_methods = {s["method"] if isinstance(s.get("method"), str) else (s.get("method") or {}).get("name")
+                     for s in cfg["stages"] if s.get("method")}
+    top = cfg["method"] if isinstance(cfg["method"], str) else cfg["method"].get("name", "custom")
+    metrics, shift = results["metrics"], results["shift"]
+    row = {
+        "run": str(run_dir),
+        "name": cfg.get("name"),
+        "method": top if not stage_methods else "+".join(sorted(stage_methods | {top})),
+        "seed": results["seeds"]["run"],
+        "stages": "→".join(results["tasks"]),
+        **{k: metrics.get(k) for k in COLUMNS[5:11]},
+        "forward_kl": _last(shift.get("forward_kl")),
+        "reverse_kl": _last(shift.get("reverse_kl")),
+        "weight_l2": _last(shift.get("weight_l2")),
+    }
+    for column, value in zip(results["eval_tasks"], results["matrix"][-1]):
+        row[f"final:{column}"] = value
+    return row
+
+
+def compare_rows(run_dirs: Sequence[str | Path]) -> list[dict[str, Any]]:
+    if not run_dirs:
+        raise RetainError("compare needs at least one run directory")
+    return [run_row(d, load_results(d)) for d in run_dirs]
+
+
+def _fmt(value: Any) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.4f}"
+    return str(value)
+
+
+def to_markdown(rows: list[dict[str, Any]]) -> str:
+    columns = [c for c in COLUMNS if c != "run"]
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(_fmt(r.get(c)) for c in columns) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def to_csv(rows: list[dict[str, Any]]) -> str:
+    columns = list(dict.fromkeys(c for r in rows for c in r))
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=columns)
+    writer.writeheader()
+    writer.writerows(rows)
+    return buf.getvalue()
+
+
+def to_parquet(rows: list[dict[str, Any]], path: str | Path) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    columns = list(dict.fromkeys(c for r in rows for c in r))
+    table = pa.table({c: [r.get(c) for r in rows] for c in columns})
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    pq.write_table(table, tmp)
+    tmp.replace(path)

@@ -1,0 +1,158 @@
+"""Experiment configuration (YAML), validated before anything runs or is written.
+
+```yaml
+name: quick
+model: base                 # 'base' (embedded), a HF model directory, or a hub name
+seed: 0
+mode: batch                 # batch: stage after stage | streaming: one pass, boundaries hidden from the method
+method: {name: sft, train: {lr: 3.0e-4}}   # default for every stage (a preset name, or a dict)
+stages:
+  - {task: gpoints, steps: 100}            # steps overrides method.train.steps; method: overrides per stage
+  - {task: kg}
+eval:
+  tasks: [auto]             # 'auto' = every stage task, its OOD split where it has one, and the prior skills;
+                            # or names: 'kg', 'kg@ood', 'prior', 'sequence'
+  n: 128                    # prompts per task
+shift: {prompts: 64, samples: 1}
+```
+Every error is a ``RetainError`` naming the field path (``stages[1].task``), raised before a run directory exists.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from retain import tasks as task_registry
+from retain.errors import RetainError
+from retain.methods.config import MethodConfig, method_config, user_path
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class StageConfig(_Strict):
+    task: str
+    steps: int | None = Field(None, ge=0, description="optimizer steps (overrides method.train.steps)")
+    method: dict[str, Any] | str | None = None
+
+    @field_validator("task")
+    @classmethod
+    def _known_task(cls, v: str) -> str:
+        try:
+            task_registry.get(v)
+        except RetainError as err:
+            raise ValueError(str(err)) from None
+        return v
+
+
+class EvalConfig(_Strict):
+    tasks: list[str] = Field(default_factory=lambda: ["auto"])
+    n: int = Field(128, ge=1, description="prompts per evaluation task")
+    samples: int = Field(0, ge=0, description="K for pass@K (0: greedy accuracy only)")
+
+
+class ShiftConfig(_Strict):
+    prompts: int = Field(64, ge=0, description="held-out prompts of each stage's task (0: skip KL measurement)")
+    samples: int = Field(1, ge=1, description="samples per prompt")
+
+
+class StreamingConfig(_Strict):
+    eval_every: int = Field(50, ge=1, description="evaluate every N optimizer steps")
+
+
+class ExperimentConfig(_Strict):
+    name: str = "experiment"
+    model: str = "base"
+    seed: int = 0
+    mode: Literal["batch", "streaming"] = "batch"
+    method: dict[str, Any] | str = "sft"
+    stages: list[StageConfig] = Field(min_length=1)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+    shift: ShiftConfig = Field(default_factory=ShiftConfig)
+    streaming: StreamingConfig = Field(default_factory=StreamingConfig)
+    engine: Literal["cached", "hf", "vllm"] = "cached"
+    trust_remote_code: bool = False
+
+    @model_validator(mode="after")
+    def _methods_and_eval_tasks_resolve(self) -> "ExperimentConfig":
+        for i in range(len(self.stages)):
+            self.stage_method(i)  # raises naming stages[i].method
+        self.eval_tasks()
+        return self
+
+    def stage_method(self, i: int) -> MethodConfig:
+        stage = self.stages[i]
+        where = f"stages[{i}].method" if stage.method is not None else "method"
+        cfg = method_config(stage.method if stage.method is not None else self.method, where)
+        if stage.steps is not None:
+            cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"steps": stage.steps})})
+        return cfg
+
+    def stage_tasks(self) -> list[str]:
+        return [s.task for s in self.stages]
+
+    def eval_tasks(self) -> list[str]:
+        """Evaluation columns, ``task`` (its test split) or ``task@split``; stage tasks first, in stage order."""
+        out: list[str] = []
+
+        def add(item: str) -> None:
+            if item not in out:
+                out.append(item)
+
+        for i, item in enumerate(self.eval.tasks):
+            if item == "auto":
+                for t in self.stage_tasks():
+                    add(t)
+                for t in self.stage_tasks():
+                    if "ood" in task_registry.get(t).splits:
+                        add(f"{t}@ood")
+                for t in task_registry.GROUPS["prior"]:
+                    add(t)
+                continue
+            name, _, split = item.partition("@")
+            try:
+                names = task_registry.resolve(name)
+            except RetainError as err:
+                raise RetainError(f"eval.tasks[{i}]: {err}") from None
+            for t in names:
+                if split and split not in task_registry.get(t).splits:
+                    raise RetainError(f"eval.tasks[{i}]: task {t!r} has no split {split!r}")
+                add(f"{t}@{split}" if split and split != "test" else t)
+        for t in self.stage_tasks():  # the accuracy matrix needs every stage task on its test split
+            if t not in out:
+                out.insert(0, t)
+        return out
+
+
+def parse_experiment(data: Any, source: str = "config") -> ExperimentConfig:
+    if not isinstance(data, dict):
+        raise RetainError(f"{source}: expected a mapping at the top level, got {type(data).__name__}")
+    try:
+        return ExperimentConfig(**data)
+    except ValidationError as err:
+        first = err.errors()[0]
+        loc = "".join(f"[{p}]" if p.isdigit() else f".{p}" for p in user_path(first["loc"])).lstrip(".")
+        msg = first["msg"].removeprefix("Value error, ")
+        raise RetainError(f"{source}: {loc + ': ' if loc else ''}{msg}") from None
+    except RetainError as err:
+        raise RetainError(f"{source}: {err}") from None
+
+
+def load_experiment(path: str | Path) -> ExperimentConfig:
+    path = Path(path)
+    if not path.is_file():
+        raise RetainError(f"config file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" (line {mark.line + 1})" if mark else ""
+        raise RetainError(f"{path}: not valid YAML{where}") from None
+    except UnicodeDecodeError:
+        raise RetainError(f"{path}: not UTF-8 text") from None
+    return parse_experiment(data, str(path))

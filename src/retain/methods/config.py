@@ -1,0 +1,267 @@
+"""Method configuration: a method is a data source × a token loss × regularisers (+ replay, + an adapter).
+
+Every named method in SPEC §2 is a preset of these parts (``PRESETS``); a user config names a preset and overrides
+any field, e.g. ``{"name": "eaft", "loss": {"k": 10}, "train": {"lr": 1e-4}}``. Validation is strict: an unknown
+field, an unknown kind, or a part that does not fit the others (a GRPO loss on offline data, say) is rejected with
+a message naming it.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Annotated, Any, Literal, Union
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from retain.errors import RetainError
+from retain.train import TrainConfig
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+# --- where the training tokens come from -------------------------------------------------------------------------
+class OfflineData(_Strict):
+    """The task's reference targets. ``target`` picks among several correct answers (SPEC §2.4): the canonical one,
+    a seeded random one, or the most / least likely under the stage's initial model."""
+
+    kind: Literal["offline"] = "offline"
+    target: Literal["canonical", "random", "likely", "unlikely"] = "canonical"
+
+
+class SampledData(_Strict):
+    """Self-SFT (Retaining): samples of the stage's **initial** model, kept if correct — or, with ``source_model``,
+    samples of another model (a finished RL run's policy: SFT on RL samples, Razor's distillation check)."""
+
+    kind: Literal["self"] = "self"
+    samples_per_prompt: int = Field(8, ge=1)
+    temperature: float = Field(1.0, gt=0)
+    source_model: str | None = None
+
+
+class IterativeData(_Strict):
+    """Iterative SFT: every ``epoch_steps`` optimizer steps, resample the train prompts from the **current** model
+    and keep the correct samples."""
+
+    kind: Literal["iterative"] = "iterative"
+    samples_per_prompt: int = Field(8, ge=1)
+    temperature: float = Field(1.0, gt=0)
+    epoch_steps: int = Field(25, ge=1)
+
+
+class OnPolicyData(_Strict):
+    """GRPO rollouts: ``group_size`` samples per prompt from the current policy every ``updates_per_batch`` steps."""
+
+    kind: Literal["on_policy"] = "on_policy"
+    group_size: int = Field(8, ge=2)
+    prompts_per_step: int = Field(16, ge=1)
+    temperature: float = Field(1.0, gt=0)
+    updates_per_batch: int = Field(1, ge=1, description="μ: optimizer steps per rollout batch")
+
+
+class MultiTaskData(_Strict):
+    """Joint training on the reference targets of every task seen so far (stages 1..k), the non-continual ceiling."""
+
+    kind: Literal["multitask"] = "multitask"
+    target: Literal["canonical", "random"] = "canonical"
+
+
+DataConfig = Annotated[
+    Union[OfflineData, SampledData, IterativeData, OnPolicyData, MultiTaskData], Field(discriminator="kind")
+]
+
+
+# --- how each token is weighted ----------------------------------------------------------------------------------
+class NLLLoss(_Strict):
+    kind: Literal["nll"] = "nll"
+
+
+class EAFTLoss(_Strict):
+    """w_t = (H_topK / ln K)^α, detached (SPEC §2.2)."""
+
+    kind: Literal["eaft"] = "eaft"
+    k: int = Field(20, ge=2)
+    alpha: float = Field(1.0, gt=0)
+
+
+class ConflictMaskedLoss(_Strict):
+    """Drop target tokens that are confident conflicts under the current model (SPEC §2.3)."""
+
+    kind: Literal["conflict_masked"] = "conflict_masked"
+    entropy_max: float = Field(0.5, gt=0)
+    prob_max: float = Field(0.1, gt=0, le=1)
+
+
+class GRPOLoss(_Strict):
+    kind: Literal["grpo"] = "grpo"
+    eps_low: float = Field(0.2, ge=0)
+    eps_high: float = Field(0.2, ge=0)
+    beta: float = Field(0.0, ge=0, description="KL to the stage's starting model")
+    kl: Literal["k1", "k2", "k3"] = "k3"
+    aggregation: Literal["grpo", "bnpo", "dr_grpo", "dapo"] = "grpo"
+    scale: Literal["group", "batch", "none"] = "group"
+    adv_eps: float = Field(1e-4, gt=0)
+
+
+LossConfig = Annotated[Union[NLLLoss, EAFTLoss, ConflictMaskedLoss, GRPOLoss], Field(discriminator="kind")]
+
+
+# --- what pulls the weights back ---------------------------------------------------------------------------------
+class KLRefReg(_Strict):
+    """β·KL(π_ref ‖ π), exact over the vocabulary, on the training (answer) tokens; π_ref = the stage's start."""
+
+    kind: Literal["kl_ref"] = "kl_ref"
+    weight: float = Field(0.1, gt=0)
+
+
+class DistillReg(_Strict):
+    """LwF: λ·T²·KL(π_prev ‖ π) at temperature T over every position of the input (prompt and answer)."""
+
+    kind: Literal["distill"] = "distill"
+    weight: float = Field(1.0, gt=0)
+    temperature: float = Field(2.0, gt=0)
+
+
+class L2SPReg(_Strict):
+    """λ·Σ(θ − θ_ref)², θ_ref = the stage's starting weights."""
+
+    kind: Literal["l2sp"] = "l2sp"
+    weight: float = Field(1e-2, gt=0)
+
+
+class EWCReg(_Strict):
+    """λ/2·Σ F·(θ − θ*)², F the diagonal Fisher accumulated over earlier stages at their end weights θ*."""
+
+    kind: Literal["ewc"] = "ewc"
+    weight: float = Field(100.0, gt=0)
+    fisher_samples: int = Field(128, ge=1)
+
+
+RegularizerConfig = Annotated[Union[KLRefReg, DistillReg, L2SPReg, EWCReg], Field(discriminator="kind")]
+
+
+class ReplayConfig(_Strict):
+    """Mix a buffer of earlier stages' reference data into every batch: ``ratio`` of each batch, buffer of ``size``
+    examples per earlier stage (reservoir of the stage's train split, seeded)."""
+
+    ratio: float = Field(0.25, gt=0, lt=1)
+    size: int = Field(512, ge=1)
+
+
+class AdapterConfig(_Strict):
+    """LoRA through peft. ``per_stage``: a fresh adapter every stage, merged into the weights at its end; otherwise
+    one adapter trained across all stages (merged for evaluation only)."""
+
+    kind: Literal["lora"] = "lora"
+    r: int = Field(8, ge=1)
+    alpha: float = Field(16.0, gt=0)
+    dropout: float = Field(0.0, ge=0, lt=1)
+    target_modules: list[str] = Field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "up_proj", "down_proj", "gate_proj"])
+    per_stage: bool = True
+
+
+class MethodConfig(_Strict):
+    name: str = "custom"
+    data: DataConfig = Field(default_factory=OfflineData)
+    loss: LossConfig = Field(default_factory=NLLLoss)
+    regularizers: list[RegularizerConfig] = Field(default_factory=list)
+    replay: ReplayConfig | None = None
+    adapter: AdapterConfig | None = None
+    train: TrainConfig = Field(default_factory=lambda: TrainConfig(steps=100, lr=3e-4))
+    batch_size: int = Field(32, ge=1, description="sequences per optimizer step (SFT family)")
+    micro_batch_size: int | None = Field(None, ge=1)
+    max_new_tokens: int | None = Field(None, ge=1, description="sampling length (default: the task's)")
+
+    @model_validator(mode="after")
+    def _parts_fit(self) -> "MethodConfig":
+        on_policy = isinstance(self.data, OnPolicyData)
+        if on_policy != isinstance(self.loss, GRPOLoss):
+            raise ValueError(
+                f"loss.kind {self.loss.kind!r} does not fit data.kind {self.data.kind!r}: "
+                "the grpo loss needs on_policy data and on_policy data needs the grpo loss"
+            )
+        if on_policy and self.replay is not None:
+            raise ValueError("replay is for the SFT family (offline/self/iterative data), not on_policy data")
+        kinds = [r.kind for r in self.regularizers]
+        if len(set(kinds)) != len(kinds):
+            raise ValueError(f"regularizers repeat a kind: {kinds}")
+        if self.adapter is not None and {"l2sp", "ewc"} & set(kinds):
+            raise ValueError("regularizers l2sp/ewc anchor the full weights, which an adapter keeps frozen")
+        every = self.train.checkpoint_every
+        if on_policy and every and every % self.data.updates_per_batch:
+            raise ValueError(
+                f"train.checkpoint_every ({every}) must be a multiple of data.updates_per_batch "
+                f"({self.data.updates_per_batch}): a checkpoint inside a rollout batch cannot resume exactly"
+            )
+        return self
+
+
+_SFT_TRAIN = {"steps": 150, "lr": 3e-4}
+_GRPO_TRAIN = {"steps": 60, "lr": 1e-4}
+
+PRESETS: dict[str, dict[str, Any]] = {
+    "sft": {"data": {"kind": "offline"}, "loss": {"kind": "nll"}, "train": _SFT_TRAIN},
+    "grpo": {"data": {"kind": "on_policy"}, "loss": {"kind": "grpo"}, "train": _GRPO_TRAIN},
+    "self_sft": {"data": {"kind": "self"}, "loss": {"kind": "nll"}, "train": _SFT_TRAIN},
+    "iterative_sft": {"data": {"kind": "iterative"}, "loss": {"kind": "nll"}, "train": _SFT_TRAIN},
+    "rl_sample_sft": {"data": {"kind": "self", "source_model": None}, "loss": {"kind": "nll"}, "train": _SFT_TRAIN},
+    "eaft": {"data": {"kind": "offline"}, "loss": {"kind": "eaft"}, "train": _SFT_TRAIN},
+    "conflict_sft": {"data": {"kind": "offline"}, "loss": {"kind": "conflict_masked"}, "train": _SFT_TRAIN},
+    "kl_sft": {"data": {"kind": "offline"}, "loss": {"kind": "nll"}, "regularizers": [{"kind": "kl_ref"}], "train": _SFT_TRAIN},
+    "lwf": {"data": {"kind": "offline"}, "loss": {"kind": "nll"}, "regularizers": [{"kind": "distill"}], "train": _SFT_TRAIN},
+    "replay": {"data": {"kind": "offline"}, "loss": {"kind": "nll"}, "replay": {}, "train": _SFT_TRAIN},
+    "l2sp": {"data": {"kind": "offline"}, "loss": {"kind": "nll"}, "regularizers": [{"kind": "l2sp"}], "train": _SFT_TRAIN},
+    "ewc": {"data": {"kind": "offline"}, "loss": {"kind": "nll"}, "regularizers": [{"kind": "ewc"}], "train": _SFT_TRAIN},
+    "lora": {"data": {"kind": "offline"}, "loss": {"kind": "nll"}, "adapter": {}, "train": {"steps": 150, "lr": 2e-3}},
+    "multitask": {"data": {"kind": "multitask"}, "loss": {"kind": "nll"}, "train": _SFT_TRAIN},
+}
+
+
+def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    """Deep-merge ``over`` onto ``base``; a part whose ``kind`` changes is replaced whole, lists are replaced."""
+    out = copy.deepcopy(base)
+    for key, value in over.items():
+        mergeable = isinstance(value, dict) and isinstance(out.get(key), dict)
+        if mergeable and value.get("kind", out[key].get("kind")) == out[key].get("kind"):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def method_config(spec: str | dict[str, Any] | MethodConfig, where: str = "method") -> MethodConfig:
+    """A validated ``MethodConfig`` from a preset name, a dict naming a preset plus overrides, or a full dict.
+
+    Errors are ``RetainError`` naming the field path (``where`` prefixes it, e.g. ``stages[1].method``).
+    """
+    if isinstance(spec, MethodConfig):
+        return spec
+    raw = {"name": spec} if isinstance(spec, str) else dict(spec)
+    name = raw.get("name", "custom")
+    if name != "custom" and name not in PRESETS:
+        raise RetainError(f"{where}.name: unknown method {name!r} (methods: {', '.join(PRESETS)}, custom)")
+    merged = _merge(PRESETS.get(name, {}), raw)
+    try:
+        return MethodConfig(**merged)
+    except ValidationError as err:
+        first = err.errors()[0]
+        loc = ".".join(user_path(first["loc"]))
+        field = f"{where}.{loc}" if loc else where
+        raise RetainError(f"{field}: {first['msg'].removeprefix('Value error, ')}") from None
+
+
+_TAGS = {"offline", "self", "iterative", "on_policy", "multitask", "nll", "eaft", "conflict_masked", "grpo",
+         "kl_ref", "distill", "l2sp", "ewc"}
+
+
+def user_path(loc: tuple) -> list[str]:
+    """pydantic's error location as the user wrote it: discriminated unions insert the tag (``data.on_policy.x``),
+    which is not a key of the user's config, so it is dropped."""
+    out: list[str] = []
+    for i, part in enumerate(loc):
+        prev = loc[i - 1] if i else None
+        if isinstance(part, str) and part in _TAGS and (prev in ("data", "loss") or isinstance(prev, int)):
+            continue
+        out.append(str(part))
+    return out

@@ -1,0 +1,269 @@
+"""The continual runner: stages in order, a full evaluation before the first and after each, the KL shift, and a
+run directory that describes itself and resumes after the last finished stage.
+
+Run directory::
+
+    DIR/config.yaml           the resolved experiment (written first; a resumed run must match it)
+    DIR/steps.jsonl           the training log, one record per logged step
+    DIR/stages/0/eval.json    the base model's row (and the starting weights are the configured model)
+    DIR/stages/k/model/       the model after stage k (HF directory, safetensors)
+    DIR/stages/k/state/       the method's carried state (EWC Fisher, replay buffers)
+    DIR/stages/k/stage.json   row k of the matrix, the shift, timings — written last: its presence = stage done
+    DIR/results.json          everything, once the last stage is done
+
+Every file is written atomically (temp + rename; directories built beside and renamed), so a crash at any moment
+leaves either the previous state or the next one. The runner does not know which method it runs.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import platform
+import shutil
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import torch
+import yaml
+
+import retain
+from retain import metrics as M
+from retain import tasks as task_registry
+from retain.config import ExperimentConfig
+from retain.errors import RetainError
+from retain.evaluate import DEFAULT_MAX_NEW_TOKENS, evaluate_task
+from retain.io import append_jsonl, atomic_write_json, atomic_write_text, read_json
+from retain.methods import adapters
+from retain.methods.build import frozen_copy, train_stage
+from retain.methods.stage import MethodState
+from retain.metrics.shift import kl_shift, weight_l2
+from retain.rollout import make_engine
+from retain.train import seed_everything
+
+Progress = Callable[[str, dict[str, Any]], None]  # (event, data): "stage_start", "step", "eval", "stage_done"
+
+
+@contextmanager
+def run_lock(out: Path) -> Iterator[None]:
+    """One process per run directory: a second gets a clear refusal instead of corrupting the first's files."""
+    out.mkdir(parents=True, exist_ok=True)
+    handle = open(out / ".lock", "w")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.close()
+        raise RetainError(f"run directory {out} is in use by another retain process") from None
+    try:
+        yield
+    finally:
+        fcntl.flock(handle, fcntl.LOCK_UN)
+        handle.close()
+
+
+def versions() -> dict[str, str]:
+    import transformers
+
+    return {
+        "retain": retain.__version__,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "platform": platform.platform(),
+        "torch_threads": str(torch.get_num_threads()),
+    }
+
+
+def evaluate_row(model, tokenizer, cfg: ExperimentConfig) -> dict[str, dict[str, Any]]:
+    engine = make_engine(cfg.engine, model, tokenizer)
+    row = {}
+    for column in cfg.eval_tasks():
+        name, _, split = column.partition("@")
+        row[column] = evaluate_task(engine, name, n=cfg.eval.n, samples=cfg.eval.samples, split=split or "test", seed=cfg.seed)
+    return row
+
+
+def measure_shift(base, previous, model, tokenizer, task_name: str, cfg: ExperimentConfig, stage: int) -> dict[str, Any]:
+    out: dict[str, Any] = {"weight_l2": weight_l2(base, model), "weight_l2_from_previous": weight_l2(previous, model)}
+    if cfg.shift.prompts == 0:
+        return out
+    task = task_registry.get(task_name)
+    prompts = [e.prompt for e in task.examples("test", cfg.shift.prompts, seed=cfg.seed)]
+    max_new = getattr(task, "max_new_tokens", DEFAULT_MAX_NEW_TOKENS)
+    seed = cfg.seed * 1000 + stage
+    out["from_base"] = kl_shift(base, model, tokenizer, prompts, cfg.shift.samples, max_new, seed, cfg.engine)
+    out["from_previous"] = kl_shift(previous, model, tokenizer, prompts, cfg.shift.samples, max_new, seed, cfg.engine)
+    return out
+
+
+def _save_model_dir(model, tokenizer, path: Path) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    adapters.merged_copy(model).save_pretrained(tmp, safe_serialization=True)
+    tokenizer.save_pretrained(tmp)
+    shutil.rmtree(path, ignore_errors=True)
+    tmp.rename(path)
+
+
+def _save_state(state: MethodState, path: Path) -> None:
+    from safetensors.torch import save_file
+
+    tmp = path.with_name(path.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    tensors = state.to_tensors()
+    if tensors:
+        save_file(tensors, str(tmp / "tensors.safetensors"))
+    atomic_write_json(tmp / "replay.json", state.replay)
+    shutil.rmtree(path, ignore_errors=True)
+    tmp.rename(path)
+
+
+def _load_state(path: Path) -> MethodState:
+    from safetensors.torch import load_file
+
+    tensors = load_file(str(path / "tensors.safetensors")) if (path / "tensors.safetensors").exists() else {}
+    return MethodState.from_tensors(tensors, read_json(path / "replay.json"))
+
+
+def prepare_run_dir(cfg: ExperimentConfig, out: Path) -> int:
+    """Write or check DIR/config.yaml; return the number of finished stages (0 for a new run)."""
+    resolved = yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
+    config_file = out / "config.yaml"
+    if config_file.exists():
+        if config_file.read_text(encoding="utf-8") != resolved:
+            raise RetainError(f"{out} holds a run of a different config; choose another --out or delete it")
+    else:
+        atomic_write_text(config_file, resolved)
+    done = 0
+    while (out / "stages" / str(done + 1) / "stage.json").exists():
+        done += 1
+    return done
+
+
+def run_experiment(cfg: ExperimentConfig, out: str | Path, progress: Progress | None = None) -> dict[str, Any]:
+    """Run (or resume) ``cfg`` into ``out``; returns the results dict also written to ``out/results.json``."""
+    from retain.models.loading import load_model
+
+    out = Path(out)
+    say = progress or (lambda event, data: None)
+    if cfg.mode == "streaming":
+        from retain.streaming import run_streaming
+
+        return run_streaming(cfg, out, say)
+    model, tokenizer = load_model(cfg.model, trust_remote_code=cfg.trust_remote_code)
+    with run_lock(out):
+        if (out / "results.json").exists():
+            return read_json(out / "results.json")
+        done = prepare_run_dir(cfg, out)
+        base = frozen_copy(model)
+        stages_dir = out / "stages"
+        if not (stages_dir / "0" / "eval.json").exists():
+            say("eval", {"stage": 0})
+            atomic_write_json(stages_dir / "0" / "eval.json", evaluate_row(model, tokenizer, cfg))
+        state = MethodState()
+        if done:
+            model, _ = load_model(stages_dir / str(done) / "model")
+            state = _load_state(stages_dir / str(done) / "state")
+        for k in range(done, len(cfg.stages)):
+            task_name = cfg.stages[k].task
+            method = cfg.stage_method(k)
+            say("stage_start", {"stage": k + 1, "task": task_name, "method": method.name, "steps": method.train.steps})
+            started = time.perf_counter()
+            previous = frozen_copy(model)
+
+            def log(record: dict[str, Any], k: int = k) -> None:
+                append_jsonl(out / "steps.jsonl", {"stage": k + 1, "task": cfg.stages[k].task, **record})
+                say("step", {"stage": k + 1, **record})
+
+            seed_everything(cfg.seed * 1000 + k)
+            model = train_stage(
+                model, tokenizer, task_name, method, stage_index=k, seen_tasks=cfg.stage_tasks()[:k], state=state,
+                seed=cfg.seed * 1000 + k, engine=cfg.engine, log=log,
+            )
+            train_seconds = time.perf_counter() - started
+            say("eval", {"stage": k + 1})
+            row = evaluate_row(model, tokenizer, cfg)
+            shift = measure_shift(base, previous, model, tokenizer, task_name, cfg, k + 1)
+            stage_dir = stages_dir / str(k + 1)
+            _save_model_dir(model, tokenizer, stage_dir / "model")
+            _save_state(state, stage_dir / "state")
+            atomic_write_json(stage_dir / "stage.json", {
+                "stage": k + 1, "task": task_name, "method": method.model_dump(mode="json"), "row": row,
+                "shift": shift, "train_seconds": round(train_seconds, 2),
+                "total_seconds": round(time.perf_counter() - started, 2),
+            })
+            say("stage_done", {"stage": k + 1, "task": task_name, "row": row})
+        results = collect_results(cfg, out)
+        atomic_write_json(out / "results.json", results)
+        return results
+
+
+def collect_results(cfg: ExperimentConfig, out: Path) -> dict[str, Any]:
+    """Assemble results.json from the per-stage files (pure reading: the same files give the same results)."""
+    stages_dir = out / "stages"
+    eval_tasks = cfg.eval_tasks()
+    rows = [read_json(stages_dir / "0" / "eval.json")]
+    stage_files = [read_json(stages_dir / str(k + 1) / "stage.json") for k in range(len(cfg.stages))]
+    rows += [s["row"] for s in stage_files]
+    matrix = [[row[c]["accuracy"] for c in eval_tasks] for row in rows]
+    return {
+        "config": cfg.model_dump(mode="json"),
+        "seeds": {"run": cfg.seed, "stages": [cfg.seed * 1000 + k for k in range(len(cfg.stages))], "eval": cfg.seed},
+        "versions": versions(),
+        "tasks": cfg.stage_tasks(),
+        "eval_tasks": eval_tasks,
+        "matrix": matrix,
+        "eval_n": [[row[c]["n"] for c in eval_tasks] for row in rows],
+        "metrics": compute_metrics(cfg, eval_tasks, matrix),
+        "shift": shift_table(stage_files),
+        "train_seconds": [s["train_seconds"] for s in stage_files],
+    }
+
+
+def compute_metrics(cfg: ExperimentConfig, eval_tasks: list[str], matrix: list[list[float]]) -> dict[str, Any]:
+    stage_tasks = cfg.stage_tasks()
+    R = [[row[eval_tasks.index(t)] for t in stage_tasks] for row in matrix]
+    T = len(stage_tasks)
+    stage_related = set(stage_tasks) | {c for c in eval_tasks if c.partition("@")[0] in stage_tasks}
+    prior_cols = [i for i, c in enumerate(eval_tasks) if c not in stage_related]
+    ood_cols = {c: i for i, c in enumerate(eval_tasks) if "@" in c and c.partition("@")[0] in stage_tasks}
+    gains = [M.target_gain(R, j) for j in range(1, T + 1)]
+    return {
+        "average_accuracy": M.average_accuracy(R),
+        "forgetting_measure": M.forgetting_measure(R),
+        "backward_transfer": M.backward_transfer(R),
+        "forward_transfer": M.forward_transfer(R),
+        "avalanche_forgetting": M.avalanche_forgetting(R)["mean"],
+        "target_gain": sum(gains) / T,
+        "target_gain_per_stage": gains,
+        "prior_drop": M.prior_drop(matrix[0], matrix[-1], prior_cols) if prior_cols else None,
+        "prior_columns": [eval_tasks[i] for i in prior_cols],
+        "ood_change": {c: matrix[-1][i] - matrix[0][i] for c, i in ood_cols.items()},
+    }
+
+
+def shift_table(stage_files: list[dict[str, Any]]) -> dict[str, list[float | None]]:
+    """One value per stage for each shift measure (``None`` where KL measurement was switched off)."""
+
+    def pick(s: dict[str, Any], *path: str) -> float | None:
+        node: Any = s["shift"]
+        for key in path:
+            if not isinstance(node, dict) or key not in node:
+                return None
+            node = node[key]
+        return node
+
+    return {
+        "forward_kl": [pick(s, "from_base", "forward", "per_sequence") for s in stage_files],
+        "forward_kl_exact": [pick(s, "from_base", "forward", "exact_per_sequence") for s in stage_files],
+        "forward_kl_per_token": [pick(s, "from_base", "forward", "per_token") for s in stage_files],
+        "reverse_kl": [pick(s, "from_base", "reverse", "per_sequence") for s in stage_files],
+        "reverse_kl_exact": [pick(s, "from_base", "reverse", "exact_per_sequence") for s in stage_files],
+        "reverse_kl_per_token": [pick(s, "from_base", "reverse", "per_token") for s in stage_files],
+        "forward_kl_from_previous": [pick(s, "from_previous", "forward", "per_sequence") for s in stage_files],
+        "reverse_kl_from_previous": [pick(s, "from_previous", "reverse", "per_sequence") for s in stage_files],
+        "weight_l2": [pick(s, "weight_l2") for s in stage_files],
+        "weight_l2_from_previous": [pick(s, "weight_l2_from_previous") for s in stage_files],
+    }

@@ -1,0 +1,44 @@
+"""Log-probabilities of given (prompt, answer) texts under a model, batched, teacher-forced, float32.
+
+Used to pick SFT targets by likelihood (SPEC §2.4) and to measure distribution shift (SPEC §3.1).
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+from transformers import PreTrainedTokenizerBase
+
+from retain.data import IGNORE, collate, encode_answer, encode_prompt
+from retain.losses import token_logprobs
+
+
+@torch.no_grad()
+def answer_logprobs(
+    model: torch.nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    pairs: Sequence[tuple[str, str]],
+    batch_size: int = 256,
+    temperature: float = 1.0,
+) -> list[list[float]]:
+    """Per-token log π(answer_t | prompt, answer_<t) for each pair; the answer's eos is the last token."""
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    out: list[list[float]] = []
+    for start in range(0, len(pairs), batch_size):
+        chunk = pairs[start : start + batch_size]
+        batch = collate([(encode_prompt(tokenizer, p), encode_answer(tokenizer, a)) for p, a in chunk], tokenizer.pad_token_id)
+        logits = model(input_ids=batch.input_ids.to(device), attention_mask=batch.attention_mask.to(device)).logits
+        targets = batch.labels[:, 1:].to(device)
+        logp = token_logprobs(logits[:, :-1], targets, temperature)
+        mask = targets != IGNORE
+        out.extend(row[m].tolist() for row, m in zip(logp.cpu(), mask.cpu()))
+    model.train(was_training)
+    return out
+
+
+def sequence_logprobs(model, tokenizer, pairs, batch_size: int = 256) -> list[float]:
+    """Σ_t log π(answer_t | ...) per pair."""
+    return [sum(row) for row in answer_logprobs(model, tokenizer, pairs, batch_size)]
