@@ -129,10 +129,10 @@ def _load_state(path: Path) -> MethodState:
 
 def prepare_run_dir(cfg: ExperimentConfig, out: Path) -> int:
     """Write or check DIR/config.yaml; return the number of finished stages (0 for a new run)."""
-    resolved = yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
+    resolved = yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=True)
     config_file = out / "config.yaml"
     if config_file.exists():
-        if config_file.read_text(encoding="utf-8") != resolved:
+        if yaml.safe_load(config_file.read_text(encoding="utf-8")) != yaml.safe_load(resolved):
             raise RetainError(f"{out} holds a run of a different config; choose another --out or delete it")
     else:
         atomic_write_text(config_file, resolved)

@@ -188,7 +188,9 @@ class Trainer:
         tmp = path.with_name(path.name + ".tmp")
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
-        self.unwrapped.save_pretrained(tmp, safe_serialization=True)
+        from safetensors.torch import save_model
+
+        save_model(self.unwrapped, str(tmp / "model.safetensors"))  # every parameter, adapters included
         torch.save(
             {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()},
             tmp / "optimizer.pt",
@@ -206,7 +208,7 @@ class Trainer:
         from safetensors.torch import load_model
 
         path = Path(path)
-        load_model(self.unwrapped, str(path / "model.safetensors"), strict=False)
+        load_model(self.unwrapped, str(path / "model.safetensors"))
         state = torch.load(path / "optimizer.pt", weights_only=True)
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])

@@ -30,6 +30,10 @@ from retain.methods.stage import MethodState, StageContext
 from retain.train import Trainer
 
 
+def _train_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
 def frozen_copy(model: torch.nn.Module) -> torch.nn.Module:
     ref = copy.deepcopy(adapters.merged_copy(model))
     ref.eval()
@@ -102,6 +106,7 @@ def train_stage(
     """Train ``model`` on ``task_name`` with ``method``; returns the trained model (adapter merged if per-stage)."""
     cfg = method_config(method)
     state = state if state is not None else MethodState()
+    model.to(_train_device())  # before the frozen copy, so the reference sits where the policy computes
     reference = frozen_copy(model)
     if cfg.adapter is not None:
         model = adapters.attach(model, cfg.adapter)
