@@ -37,6 +37,11 @@ def test_saved_model_round_trips(tmp_path, micro_model, tokenizer):
     tokenizer.save_pretrained(tmp_path)
     model, tok = load_model(tmp_path)
     assert tok.padding_side == "left"
+    # a qwen2 config must not swap in Qwen2Tokenizer (whose pre-tokenizer drops the space here)
+    for text in ["reverse abc", "city of mentor of ava?", "cards 2 3 5 6, j=q=k=10, make 24"]:
+        assert tok(text)["input_ids"] == tokenizer(text)["input_ids"]
+    assert tok.apply_chat_template([{"role": "user", "content": "a b"}], add_generation_prompt=True, tokenize=False) \
+        == tokenizer.apply_chat_template([{"role": "user", "content": "a b"}], add_generation_prompt=True, tokenize=False)
     assert sum(p.numel() for p in model.parameters()) == sum(p.numel() for p in micro_model.parameters())
 
 

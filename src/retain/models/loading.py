@@ -6,10 +6,13 @@ is refused rather than unpickled. ``trust_remote_code`` stays off unless the cal
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import (
+    AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase, PreTrainedTokenizerFast,
+)
 
 from retain.errors import RetainError
 
@@ -40,10 +43,28 @@ def resolve_model_path(spec: str | Path) -> str:
     return spec
 
 
+_GENERIC_CLASSES = {"TokenizersBackend", "PreTrainedTokenizerFast"}
+
+
+def _saved_as_generic(path: str) -> bool:
+    """A tokenizer saved as a plain ``tokenizers`` backend (retain's own): AutoTokenizer would otherwise pick the
+    model type's class (Qwen2Tokenizer for a qwen2 config), whose own pre-tokenizer changes the encoding."""
+    config = Path(path) / "tokenizer_config.json"
+    if not config.is_file() or not (Path(path) / "tokenizer.json").is_file():
+        return False
+    try:
+        return json.loads(config.read_text(encoding="utf-8")).get("tokenizer_class") in _GENERIC_CLASSES
+    except ValueError:
+        return False
+
+
 def load_tokenizer(spec: str | Path, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
     path = resolve_model_path(spec)
     try:
-        tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+        if _saved_as_generic(path):
+            tok = PreTrainedTokenizerFast.from_pretrained(path)
+        else:
+            tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as err:
         raise RetainError(f"cannot load the tokenizer of {spec!r}: {_first_line(err)}") from None
     if tok.pad_token is None:
