@@ -118,20 +118,57 @@ def compare(
 
 @app.command()
 def demo(
-    samples: int = typer.Option(16, min=0, help="K for pass@K"),
-    n: int = typer.Option(256, min=1, help="prompts per task"),
+    out: Path = typer.Option(Path("runs/demo"), help="demo directory (re-running resumes it)"),
+    quick: bool = typer.Option(False, "--quick", help="a couple of minutes: one seed, one learning rate"),
+    full: bool = typer.Option(False, "--full", help="more seeds, learning rates and steps"),
+    methods: Optional[str] = typer.Option(None, help="comma-separated methods (default: the eight demo methods)"),
+    workers: int = typer.Option(2, min=1, help="runs in parallel (one torch thread each)"),
 ) -> None:
-    """The main job. For now: load the embedded base model and print its evaluation on every task."""
-    from retain.evaluate import evaluate
-    from retain.models.loading import load_model
+    """The main job: the default sequence under every method, seeds and an lr sweep, then the report."""
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-    lm, tok = load_model("base")
-    prior = evaluate(lm, tok, "prior", n=n, samples=0)
-    sequence = evaluate(lm, tok, "sequence", n=n, samples=samples)
-    ood = evaluate(lm, tok, "sequence", n=n, samples=samples, split="ood")
-    _print_scores(prior, "prior skills (test split)")
-    _print_scores(sequence, "sequence tasks (test split)")
-    _print_scores(ood, "sequence tasks (ood split)")
+    from retain.demo import run_demo
+
+    if quick and full:
+        raise RetainError("--quick and --full exclude each other")
+    preset = "quick" if quick else "full" if full else "default"
+    console = Console(stderr=True)
+    bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                   TimeRemainingColumn(), console=console)
+    state: dict = {}
+
+    def update(event: str, data: dict) -> None:
+        if event == "plan":
+            state["job"] = bar.add_task(f"demo ({preset}): runs", total=data["runs"])
+        elif event == "done":
+            bar.update(state["job"], advance=data["count"])
+        elif event == "run_done":
+            bar.update(state["job"], advance=1, description=f"demo ({preset}): {data['name']} {data['seconds']:.0f}s")
+        elif event == "failed":
+            console.print(f"[red]run {data['name']} failed: {data['error']}[/red]")
+            bar.update(state["job"], advance=1)
+        elif event == "tokens":
+            console.log("token analysis of the SFT targets under the base model")
+        elif event == "report":
+            console.log("writing the report")
+
+    with bar:
+        summary = run_demo(out, preset, methods.split(",") if methods else None, workers, progress=update)
+    print((out / "report.md").read_text(encoding="utf-8"))
+    print(f"report: {out / 'report.html'}  ({summary['wall_seconds']:.0f} s, peak memory ~{summary['peak_rss_mb']:.0f} MB)")
+
+
+@app.command()
+def report(run_dir: Path = typer.Argument(..., help="a demo directory or a directory of runs")) -> None:
+    """Write RUN_DIR/report.html (self-contained) and report.md from the result files."""
+    from retain.report import build_report
+
+    if not run_dir.is_dir():
+        raise RetainError(f"no such directory: {run_dir}")
+    path = build_report(run_dir)
+    print((run_dir / "report.md").read_text(encoding="utf-8"))
+    print(f"report: {path}")
 
 
 class _stage_progress:

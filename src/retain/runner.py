@@ -203,10 +203,16 @@ def run_experiment(cfg: ExperimentConfig, out: str | Path, progress: Progress | 
 def collect_results(cfg: ExperimentConfig, out: Path) -> dict[str, Any]:
     """Assemble results.json from the per-stage files (pure reading: the same files give the same results)."""
     stages_dir = out / "stages"
-    eval_tasks = cfg.eval_tasks()
-    rows = [read_json(stages_dir / "0" / "eval.json")]
     stage_files = [read_json(stages_dir / str(k + 1) / "stage.json") for k in range(len(cfg.stages))]
-    rows += [s["row"] for s in stage_files]
+    rows = [read_json(stages_dir / "0" / "eval.json")] + [s["row"] for s in stage_files]
+    return results_from_rows(cfg, rows, stage_files, [s["train_seconds"] for s in stage_files])
+
+
+def results_from_rows(
+    cfg: ExperimentConfig, rows: list[dict[str, Any]], stage_files: list[dict[str, Any]], train_seconds: list[float]
+) -> dict[str, Any]:
+    """results.json from the evaluation rows (before any stage, then after each) and each stage's shift."""
+    eval_tasks = cfg.eval_tasks()
     matrix = [[row[c]["accuracy"] for c in eval_tasks] for row in rows]
     return {
         "config": cfg.model_dump(mode="json"),
@@ -218,7 +224,7 @@ def collect_results(cfg: ExperimentConfig, out: Path) -> dict[str, Any]:
         "eval_n": [[row[c]["n"] for c in eval_tasks] for row in rows],
         "metrics": compute_metrics(cfg, eval_tasks, matrix),
         "shift": shift_table(stage_files),
-        "train_seconds": [s["train_seconds"] for s in stage_files],
+        "train_seconds": train_seconds,
     }
 
 

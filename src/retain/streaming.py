@@ -57,7 +57,7 @@ from retain.methods.build import build_objective, frozen_copy
 from retain.methods.config import EWCReg, MethodConfig
 from retain.methods.stage import MethodState, StageContext
 from retain.runner import (
-    _save_model_dir, compute_metrics, evaluate_row, measure_shift, prepare_run_dir, run_lock, shift_table, versions,
+    _save_model_dir, evaluate_row, measure_shift, prepare_run_dir, results_from_rows, run_lock,
 )
 from retain.train import Trainer, seed_everything
 
@@ -326,22 +326,13 @@ def collect_stream_results(cfg: ExperimentConfig, out: Path) -> dict[str, Any]:
     steps = eval_points(cfg)
     points = {s: read_json(_point_file(out, s)) for s in steps}
     rows = [points[0]["row"]] + [points[e]["row"] for e in ends]
-    matrix = [[row[c]["accuracy"] for c in eval_tasks] for row in rows]
     by_stage = {b["stage"]: b for s in set(ends) for b in points[s]["boundaries"]}
     stage_files = [{"shift": by_stage[k + 1]["shift"]} for k in range(len(cfg.stages))]
     cumulative = [0.0] + [points[e]["train_seconds"] for e in ends]
+    train_seconds = [round(b - a, 2) for a, b in zip(cumulative, cumulative[1:])]
     return {
-        "config": cfg.model_dump(mode="json"),
+        **results_from_rows(cfg, rows, stage_files, train_seconds),
         "mode": "streaming",
-        "seeds": {"run": cfg.seed, "stages": [cfg.seed * 1000 + k for k in range(len(cfg.stages))], "eval": cfg.seed},
-        "versions": versions(),
-        "tasks": cfg.stage_tasks(),
-        "eval_tasks": eval_tasks,
-        "matrix": matrix,
-        "eval_n": [[row[c]["n"] for c in eval_tasks] for row in rows],
-        "metrics": compute_metrics(cfg, eval_tasks, matrix),
-        "shift": shift_table(stage_files),
-        "train_seconds": [round(b - a, 2) for a, b in zip(cumulative, cumulative[1:])],
         "stream": {
             "eval_every": cfg.streaming.eval_every,
             "boundaries": ends,
