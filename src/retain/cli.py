@@ -54,7 +54,13 @@ def pretrain(
     with Progress(TextColumn("pretrain"), BarColumn(), TextColumn("{task.completed}/{task.total} loss {task.fields[loss]}"),
                   TimeRemainingColumn(), console=console, transient=True) as bar:
         job = bar.add_task("pretrain", total=cfg.steps, loss="-")
-        result = run_pretrain(cfg, out, log=lambda r: bar.update(job, completed=r["step"], loss=f"{r.get('loss', 0):.3f}"))
+
+        def log(record: dict) -> None:
+            bar.update(job, completed=record["step"], loss=f"{record.get('loss', 0):.3f}")
+            if not console.is_terminal and record["step"] % max(1, cfg.steps // 20) == 0:  # logs, CI: plain lines
+                console.print(f"pretrain step {record['step']}/{cfg.steps} loss {record.get('loss', 0):.4f}")
+
+        result = run_pretrain(cfg, out, log=log)
     console.print(f"wrote {out} ({result['parameters']:,} parameters, {result['train_seconds']} s training, "
                   f"peak RSS {result['peak_rss_mb']} MB)")
     _print_scores(result["eval"])

@@ -28,7 +28,7 @@ from retain.models.tiny import PRESETS, make_model
 from retain.models.tokenizer import build_tokenizer
 from retain.train import TrainConfig, Trainer, seed_everything
 
-DEFAULT_MIXTURE = {"facts": 0.34, "reverse": 0.18, "arith": 0.18, "gpoints": 0.11, "kg": 0.10, "countdown": 0.09}
+DEFAULT_MIXTURE = {"facts": 0.32, "reverse": 0.17, "arith": 0.17, "gpoints": 0.16, "kg": 0.10, "countdown": 0.08}
 
 
 class PretrainConfig(BaseModel):
@@ -70,16 +70,19 @@ def pretrain_split(task_name: str) -> str:
 
 
 def mixture_sampler(tokenizer, mixture: dict[str, float]) -> Callable[[random.Random, int, int], list[Pair]]:
-    """Encode every task's pretraining pool once; each call draws tasks by weight, then an example uniformly."""
+    """Encode every task's pretraining pool once; each call draws tasks by weight, then an example uniformly, then
+    one of the example's correct answers uniformly (several answers teach the space of solutions, not one string)."""
     names = [n for n, w in mixture.items() if w > 0]
     weights = [mixture[n] for n in names]
-    pools: dict[str, list[Pair]] = {}
+    pools: dict[str, list[list[Pair]]] = {}
     for name in names:
         examples = task_registry.get(name).examples(pretrain_split(name), None, seed=0)
-        pools[name] = [(encode_prompt(tokenizer, e.prompt), encode_answer(tokenizer, e.answer)) for e in examples]
+        pools[name] = [
+            [(encode_prompt(tokenizer, e.prompt), encode_answer(tokenizer, a)) for a in e.answers] for e in examples
+        ]
 
     def sample(rng: random.Random, k: int, step: int = 0) -> list[Pair]:
-        return [rng.choice(pools[name]) for name in rng.choices(names, weights, k=k)]
+        return [rng.choice(rng.choice(pools[name])) for name in rng.choices(names, weights, k=k)]
 
     return sample
 
