@@ -154,9 +154,9 @@ def run_experiment(cfg: ExperimentConfig, out: str | Path, progress: Progress | 
         return run_streaming(cfg, out, say)
     model, tokenizer = load_model(cfg.model, trust_remote_code=cfg.trust_remote_code)
     with run_lock(out):
+        done = prepare_run_dir(cfg, out)  # refuses a directory holding another config, finished or not
         if (out / "results.json").exists():
             return read_json(out / "results.json")
-        done = prepare_run_dir(cfg, out)
         base = frozen_copy(model)
         stages_dir = out / "stages"
         if not (stages_dir / "0" / "eval.json").exists():

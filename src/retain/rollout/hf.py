@@ -4,7 +4,18 @@
 - ``CachedSamplerEngine`` (default): the same computation — left-padded prefill, then one token at a time through
   the model's KV cache — as a short loop without generate's per-step machinery (logits processors, stopping
   criteria objects, output bookkeeping), which dominates for small models. It samples from
-  softmax(logits / temperature) with no top-k/top-p, which is what GRPO's log-probabilities assume.
+  softmax(logits / temperature) with no top-k/top-p, which is what GRPO's log-probabilities assume; greedy is argmax.
+  What it does not compute, on the same results (greedy completions are token-identical to ``HFGenerateEngine``):
+
+  * each distinct prompt is prefilled once per batch and its cache copied to its ``n`` sample rows;
+  * rows are batched sorted by prompt length (results go back in request order), so a batch has little or no
+    left padding — none at all means no attention mask;
+  * finished rows leave the batch (their cache rows are dropped) once a quarter of it has finished: completions of
+    one batch have very different lengths, and a copy of the cache costs about what a decoding step does;
+  * full-attention layers cache into a buffer of the batch's final length instead of re-concatenating every step.
+
+  Sampling is seeded (``seed`` seeds torch's global generator, as for ``HFGenerateEngine``) and reproducible for the
+  same request and batch size; the draws differ from ``model.generate``'s, the distribution does not.
 """
 
 from __future__ import annotations
@@ -13,9 +24,12 @@ from typing import Sequence
 
 import torch
 from transformers import PreTrainedTokenizerBase
+from transformers.cache_utils import Cache, DynamicLayer
 
 from retain.data import encode_prompt, left_pad
 from retain.rollout.base import Rollout, RolloutEngine
+
+DROP_SHARE = 4  # drop finished rows from a decoding batch once at least 1/DROP_SHARE of its rows have finished
 
 
 class _HFEngineBase(RolloutEngine):
@@ -57,9 +71,14 @@ class _HFEngineBase(RolloutEngine):
                     completions.extend(self._cut(row) for row in new.tolist())
         finally:
             self.model.train(was_training)
+        return self._rollout(flat, prompt_ids, completions, group)
+
+    def _rollout(self, flat, prompt_ids, completions, group) -> Rollout:
         eos = self.tok.eos_token_id
         truncated = [not (c and c[-1] == eos) for c in completions]
-        texts = [self.tok.decode(c[:-1] if not t else c, skip_special_tokens=True) for c, t in zip(completions, truncated)]
+        texts = [
+            self.tok.decode(c[:-1] if not t else c, skip_special_tokens=True) for c, t in zip(completions, truncated)
+        ]
         return Rollout(flat, prompt_ids, completions, texts, group, truncated)
 
     def _cut(self, row: list[int]) -> list[int]:
@@ -87,36 +106,139 @@ class HFGenerateEngine(_HFEngineBase):
 
 
 class CachedSamplerEngine(_HFEngineBase):
-    def _sample(self, ids, mask, temperature, max_new_tokens, greedy) -> torch.Tensor:
-        from transformers import DynamicCache
+    def generate(
+        self,
+        prompts: Sequence[str],
+        n: int = 1,
+        temperature: float = 1.0,
+        max_new_tokens: int = 32,
+        greedy: bool = False,
+        seed: int | None = None,
+    ) -> Rollout:
+        if seed is not None:
+            torch.manual_seed(seed)
+        flat = [p for p in prompts for _ in range(n)]
+        group = [i for i in range(len(prompts)) for _ in range(n)]
+        distinct = list(dict.fromkeys(prompts))
+        encoded = {p: self._encode(p) for p in distinct}
+        rank = {p: i for i, p in enumerate(distinct)}
+        prompt_ids = [encoded[p] for p in flat]
+        # Rows sorted by prompt length (then prompt): a batch holds few lengths (little or no left padding) and the
+        # samples of one prompt sit together, so each distinct prompt is prefilled once per batch.
+        order = sorted(range(len(flat)), key=lambda r: (len(prompt_ids[r]), rank[flat[r]], r))
+        completions: list[list[int]] = [[] for _ in flat]
+        device = next(self.model.parameters()).device
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            with torch.inference_mode():
+                for start in range(0, len(order), self.batch_size):
+                    rows = order[start : start + self.batch_size]
+                    new = self._sample_rows(
+                        [flat[r] for r in rows], encoded, device, temperature, max_new_tokens, greedy
+                    )
+                    for r, c in zip(rows, new):
+                        completions[r] = c
+        finally:
+            self.model.train(was_training)
+        return self._rollout(flat, prompt_ids, completions, group)
 
+    def _sample_rows(self, row_prompts, encoded, device, temperature, max_new_tokens, greedy) -> list[list[int]]:
+        """Completions for one batch of rows (rows of one prompt adjacent): prefill each distinct prompt once, copy
+        its cache to its rows, then decode one token at a time, dropping rows from the batch as they finish."""
         eos, pad = self.tok.eos_token_id, self.tok.pad_token_id
-        batch = ids.shape[0]
+        distinct = list(dict.fromkeys(row_prompts))
+        index = {p: i for i, p in enumerate(distinct)}
+        ids, mask = left_pad([encoded[p] for p in distinct], pad)
+        ids, mask = ids.to(device), mask.to(device)
+        padded = bool((mask == 0).any())
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
-        cache = DynamicCache()
+        cache = self._new_cache(ids.shape[1] + max_new_tokens)
         out = self.model(
-            input_ids=ids, attention_mask=mask, position_ids=positions, cache=cache, use_cache=True, logits_to_keep=1
+            input_ids=ids, attention_mask=mask if padded else None, position_ids=positions, cache=cache,
+            use_cache=True, logits_to_keep=1,
         )
-        next_pos = positions[:, -1:] + 1
-        done = torch.zeros(batch, dtype=torch.bool, device=ids.device)
-        tokens = []
         logits = out.logits[:, -1, :]
-        for _ in range(max_new_tokens):
+        rows = len(row_prompts)
+        next_pos = positions[:, -1] + 1
+        if rows != len(distinct):
+            expand = torch.tensor([index[p] for p in row_prompts], device=device)
+            cache.batch_select_indices(expand)
+            logits, next_pos, mask = logits[expand], next_pos[expand], mask[expand]
+        prompt_len = ids.shape[1]
+        if padded:  # the whole attention mask up front; step t attends to its first prompt_len + t + 1 columns
+            mask = torch.cat([mask, mask.new_ones(rows, max_new_tokens)], dim=1)
+        tokens = torch.full((rows, max_new_tokens), pad, dtype=torch.long, device=device)
+        active = torch.arange(rows, device=device)  # output row of each batch row
+        done = torch.zeros(rows, dtype=torch.bool, device=device)
+        for t in range(max_new_tokens):
             if greedy:
                 token = logits.argmax(-1)
             else:
                 probs = torch.softmax(logits.float() / temperature, dim=-1)
                 token = torch.multinomial(probs, 1).squeeze(-1)
-            token = torch.where(done, torch.full_like(token, pad), token)
-            tokens.append(token)
-            done |= token == eos
-            if bool(done.all()):
+            token = token.masked_fill(done, pad)
+            tokens[active, t] = token
+            if t == max_new_tokens - 1:
                 break
-            mask = torch.cat([mask, mask.new_ones(batch, 1)], dim=-1)  # finished rows are cut at eos later
+            done |= token == eos
+            finished = int(done.sum())
+            if finished == len(done):
+                break
+            if finished and finished * DROP_SHARE >= len(done):
+                keep = (~done).nonzero().squeeze(-1)
+                active, token, next_pos, done = active[keep], token[keep], next_pos[keep], done[keep]
+                cache.batch_select_indices(keep)
+                if padded:
+                    mask = mask[keep]
             out = self.model(
-                input_ids=token.unsqueeze(-1), attention_mask=mask, position_ids=next_pos,
-                cache=cache, use_cache=True,
+                input_ids=token.unsqueeze(-1), attention_mask=mask[:, : prompt_len + t + 1] if padded else None,
+                position_ids=next_pos.unsqueeze(-1), cache=cache, use_cache=True,
             )
-            next_pos = next_pos + 1
             logits = out.logits[:, -1, :]
-        return torch.stack(tokens, dim=1)
+            next_pos = next_pos + 1
+        return [self._cut(row) for row in tokens.tolist()]
+
+    def _new_cache(self, capacity: int) -> Cache:
+        """A buffer cache of ``capacity`` positions when every layer is full attention, else transformers' own."""
+        from transformers import DynamicCache
+
+        config = getattr(self.model, "config", None)
+        text = config.get_text_config(decoder=True) if config is not None else None
+        layers = getattr(text, "num_hidden_layers", None)
+        kinds = set(getattr(text, "layer_types", None) or ["full_attention"])
+        if not isinstance(layers, int) or kinds != {"full_attention"}:
+            return DynamicCache(config=config)  # sliding-window or hybrid layers: transformers' own cache
+        return Cache(layers=[_BufferLayer(capacity) for _ in range(layers)])
+
+
+class _BufferLayer(DynamicLayer):
+    """A full-attention cache layer that writes into a buffer of the batch's final length instead of concatenating
+    every step (DynamicLayer's ``torch.cat`` copies the whole cache per token)."""
+
+    def __init__(self, capacity: int) -> None:
+        super().__init__()
+        self.capacity = capacity
+        self.length = 0
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        if not self.is_initialized:
+            batch, heads, _, _ = key_states.shape
+            self.device = key_states.device
+            self._k = key_states.new_empty(batch, heads, self.capacity, key_states.shape[-1])
+            self._v = value_states.new_empty(batch, heads, self.capacity, value_states.shape[-1])
+            self.is_initialized = True
+        end = self.length + key_states.shape[-2]
+        self._k[:, :, self.length : end] = key_states
+        self._v[:, :, self.length : end] = value_states
+        self.length = end
+        self.keys, self.values = self._k[:, :, :end], self._v[:, :, :end]
+        return self.keys, self.values
+
+    def get_seq_length(self) -> int:
+        return self.length
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        if self.is_initialized:
+            self._k, self._v = self._k.index_select(0, indices), self._v.index_select(0, indices)
+            self.keys, self.values = self._k[:, :, : self.length], self._v[:, :, : self.length]
