@@ -1,0 +1,74 @@
+"""Pretraining on a short budget (the recipe runs, writes a loadable model, is deterministic) and the shipped
+embedded base model (it knows its prior skills, leaves headroom on the sequence tasks)."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+from safetensors.torch import load_file
+
+from retain.evaluate import evaluate
+from retain.models.loading import load_model
+from retain.models.pretrain import PretrainConfig, pretrain
+
+SHORT = dict(steps=6, batch_size=8, eval_n=4, eval_samples=2, warmup_steps=1,
+             mixture={"reverse": 1.0, "arith": 1.0, "countdown": 0.5})
+
+
+def test_short_pretraining_writes_a_loadable_model_deterministically(tmp_path):
+    a = pretrain(PretrainConfig(**SHORT), tmp_path / "a")
+    pretrain(PretrainConfig(**SHORT), tmp_path / "b")
+    for name in ("model.safetensors", "config.json", "tokenizer.json", "chat_template.jinja", "eval.json", "pretrain.json"):
+        assert (tmp_path / "a" / name).exists(), name
+    wa, wb = load_file(tmp_path / "a" / "model.safetensors"), load_file(tmp_path / "b" / "model.safetensors")
+    assert wa.keys() == wb.keys() and all((wa[k] == wb[k]).all() for k in wa)  # same seed, same weights
+    assert set(a["eval"]) == {"reverse", "arith", "countdown"} and a["eval"]["arith"]["k"] == 2
+    assert json.loads((tmp_path / "a" / "pretrain.json").read_text())["peak_rss_mb"] > 0
+    model, tok = load_model(tmp_path / "a")
+    assert sum(p.numel() for p in model.parameters()) == a["parameters"]
+    other = pretrain(PretrainConfig(**{**SHORT, "seed": 1}), tmp_path / "c")
+    wc = load_file(tmp_path / "c" / "model.safetensors")
+    assert any(not (wa[k] == wc[k]).all() for k in wa)
+    assert not (tmp_path / "a.tmp").exists()
+
+
+def test_pretrain_config_rejects_unknown_task_and_preset():
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError, match="unknown task 'nope'"):
+        PretrainConfig(mixture={"nope": 1.0})
+    with pytest.raises(ValidationError, match="unknown preset"):
+        PretrainConfig(preset="huge")
+
+
+@pytest.fixture(scope="module")
+def base():
+    return load_model("base")
+
+
+def test_embedded_base_knows_its_prior_skills(base):
+    model, tok = base
+    scores = evaluate(model, tok, "prior", n=96)
+    assert all(s["accuracy"] >= 0.9 for s in scores.values()), scores
+
+
+def test_embedded_base_leaves_headroom_with_signal_on_the_sequence(base):
+    model, tok = base
+    scores = evaluate(model, tok, "sequence", n=96, samples=16)
+    for name, s in scores.items():
+        assert s["accuracy"] <= 0.5, (name, s)
+        assert s["pass_at_k"] >= 0.05, (name, s)
+
+
+def test_cli_eval_json_shape(tmp_path):
+    out = subprocess.run(
+        [sys.executable, "-m", "retain.cli", "eval", "--model", "base", "--tasks", "arith,reverse", "--n", "8",
+         "--samples", "2", "--json"],
+        capture_output=True, text=True, cwd=tmp_path, env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    )
+    assert out.returncode == 0, out.stderr
+    scores = json.loads(out.stdout)
+    assert set(scores) == {"arith", "reverse"}
+    assert {"accuracy", "pass_at_k", "k", "n"} <= set(scores["arith"]) and scores["arith"]["k"] == 2
