@@ -36,6 +36,7 @@ def main() -> None:
 
     base, tok = load_model("base")
     before = evaluate(base, tok, [args.task], n=args.n)[args.task]["accuracy"]
+    before_train = evaluate(base, tok, [args.task], n=args.n, split="train")[args.task]["accuracy"]
     rows = []
     for method in args.methods:
         for seed in args.seeds:
@@ -49,17 +50,20 @@ def main() -> None:
             model = train_stage(model, tok, args.task, spec, seed=seed, state=MethodState(), seen_tasks=seen)
             seconds = time.perf_counter() - started
             after = evaluate(model, tok, [args.task], n=args.n)[args.task]["accuracy"]
+            after_train = evaluate(model, tok, [args.task], n=args.n, split="train")[args.task]["accuracy"]
             prior = evaluate(model, tok, "prior", n=args.n)
             rows.append({"method": method, "seed": seed, "before": before, "after": after, "gain": after - before,
+                         "train_before": before_train, "train_after": after_train,
                          "prior_mean": sum(v["accuracy"] for v in prior.values()) / len(prior),
                          "train_seconds": round(seconds, 1)})
             print(json.dumps(rows[-1]), flush=True)
     with open(args.out, "w") as f:
         json.dump({"task": args.task, "n": args.n, "steps": args.steps, "rows": rows}, f, indent=1)
-    print(f"\n| method | seed | before | after | gain | prior mean after | train s |\n|---|---|---|---|---|---|---|")
+    print("\n| method | seed | held-out before → after | train prompts before → after | prior mean after | train s |")
+    print("|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['method']} | {r['seed']} | {r['before']:.3f} | {r['after']:.3f} | {r['gain']:+.3f} | "
-              f"{r['prior_mean']:.3f} | {r['train_seconds']} |")
+        print(f"| {r['method']} | {r['seed']} | {r['before']:.3f} → {r['after']:.3f} | "
+              f"{r['train_before']:.3f} → {r['train_after']:.3f} | {r['prior_mean']:.3f} | {r['train_seconds']} |")
 
 
 if __name__ == "__main__":
