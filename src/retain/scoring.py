@@ -5,7 +5,7 @@ Used to pick SFT targets by likelihood (SPEC §2.4) and to measure distribution 
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import torch
 from transformers import PreTrainedTokenizerBase
@@ -15,6 +15,30 @@ from retain.losses import token_logprobs
 
 
 @torch.no_grad()
+def teacher_forced(
+    model: torch.nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    pairs: Sequence[tuple[str, str]],
+    batch_size: int = 256,
+) -> Iterator[tuple[int, torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """Batches of ``(start, logits, targets, mask)``: ``logits[:, t]`` predicts ``targets[:, t]``; ``mask`` marks the
+    answer tokens (eos included); ``start`` is the index of the batch's first pair. The model is in eval mode while
+    iterating and restored after."""
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    try:
+        for start in range(0, len(pairs), batch_size):
+            chunk = pairs[start : start + batch_size]
+            encoded = [(encode_prompt(tokenizer, p), encode_answer(tokenizer, a)) for p, a in chunk]
+            batch = collate(encoded, tokenizer.pad_token_id)
+            logits = model(input_ids=batch.input_ids.to(device), attention_mask=batch.attention_mask.to(device)).logits
+            targets = batch.labels[:, 1:].to(device)
+            yield start, logits[:, :-1], targets, targets != IGNORE
+    finally:
+        model.train(was_training)
+
+
 def answer_logprobs(
     model: torch.nn.Module,
     tokenizer: PreTrainedTokenizerBase,
@@ -23,19 +47,10 @@ def answer_logprobs(
     temperature: float = 1.0,
 ) -> list[list[float]]:
     """Per-token log π(answer_t | prompt, answer_<t) for each pair; the answer's eos is the last token."""
-    device = next(model.parameters()).device
-    was_training = model.training
-    model.eval()
     out: list[list[float]] = []
-    for start in range(0, len(pairs), batch_size):
-        chunk = pairs[start : start + batch_size]
-        batch = collate([(encode_prompt(tokenizer, p), encode_answer(tokenizer, a)) for p, a in chunk], tokenizer.pad_token_id)
-        logits = model(input_ids=batch.input_ids.to(device), attention_mask=batch.attention_mask.to(device)).logits
-        targets = batch.labels[:, 1:].to(device)
-        logp = token_logprobs(logits[:, :-1], targets, temperature)
-        mask = targets != IGNORE
+    for _, logits, targets, mask in teacher_forced(model, tokenizer, pairs, batch_size):
+        logp = token_logprobs(logits, targets, temperature)
         out.extend(row[m].tolist() for row, m in zip(logp.cpu(), mask.cpu()))
-    model.train(was_training)
     return out
 
 

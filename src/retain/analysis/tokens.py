@@ -16,8 +16,8 @@ import numpy as np
 import torch
 from transformers import PreTrainedTokenizerBase
 
-from retain.data import IGNORE, collate, encode_answer, encode_prompt
 from retain.losses import token_entropy, token_logprobs
+from retain.scoring import teacher_forced
 
 ENTROPY_MAX = 0.5
 PROB_MAX = 0.1
@@ -69,24 +69,13 @@ def token_stats(
     batch_size: int = 256,
 ) -> TokenStats:
     """Per-token entropy and target probability of ``model`` on the answers of ``pairs``."""
-    device = next(model.parameters()).device
-    was_training = model.training
-    model.eval()
     cols: dict[str, list[np.ndarray]] = {k: [] for k in ("entropy", "prob", "example", "position", "token")}
-    for start in range(0, len(pairs), batch_size):
-        chunk = pairs[start : start + batch_size]
-        batch = collate([(encode_prompt(tokenizer, p), encode_answer(tokenizer, a)) for p, a in chunk], tokenizer.pad_token_id)
-        logits = model(input_ids=batch.input_ids.to(device), attention_mask=batch.attention_mask.to(device)).logits
-        logits, targets = logits[:, :-1], batch.labels[:, 1:].to(device)
-        mask = targets != IGNORE
-        entropy = token_entropy(logits)[mask]
-        prob = token_logprobs(logits, targets).exp()[mask]
+    for start, logits, targets, mask in teacher_forced(model, tokenizer, pairs, batch_size):
         rows, cols_idx = mask.nonzero(as_tuple=True)
         first = mask.float().argmax(dim=1)  # first answer position per row
-        cols["entropy"].append(entropy.cpu().numpy())
-        cols["prob"].append(prob.cpu().numpy())
+        cols["entropy"].append(token_entropy(logits)[mask].cpu().numpy())
+        cols["prob"].append(token_logprobs(logits, targets).exp()[mask].cpu().numpy())
         cols["example"].append((rows + start).cpu().numpy())
         cols["position"].append((cols_idx - first[rows]).cpu().numpy())
         cols["token"].append(targets[mask].cpu().numpy())
-    model.train(was_training)
     return TokenStats(**{k: np.concatenate(v) if v else np.zeros(0) for k, v in cols.items()})
