@@ -35,7 +35,7 @@ BENCHES = {
 def _sizes(quick: bool) -> dict:
     if quick:
         return {"grpo": (2, 4), "sft": (3, 10), "rollout": (16, 1), "flops": (1, 2)}
-    return {"grpo": (3, 25), "sft": (5, 80), "rollout": (64, 3), "flops": (1, 5)}
+    return {"grpo": (3, 25), "sft": (5, 80), "rollout": (64, 3), "flops": (2, 5)}
 
 
 def measure(part: str, quick: bool) -> dict:
