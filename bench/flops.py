@@ -4,7 +4,8 @@ Peak: the best of several large square ``torch.mm`` (fp32, the benchmark's threa
 Achieved: retain's training step (SFTObjective + Trainer: forward, backward, grad clip, AdamW) on the ``small``
 preset (``retain.models.tiny.make_model("small", tok)``) with a full batch of 128 sequences × 64 tokens (32 prompt
 tokens + 32 target tokens, no padding), estimated at 6·P·T FLOPs per step (P = every parameter, T = tokens in the
-batch; the attention score/value products, ~2% here, are left out, so this slightly understates the work).
+batch; the attention score/value products, 12·layers·T·seq·d ≈ 4% more here, are left out, so this slightly
+understates the work).
 """
 
 from __future__ import annotations
