@@ -33,6 +33,8 @@ class RolloutBatch:
     total_sequences: int
     total_tokens: int
     metrics: dict[str, float]
+    prompt_ids: list[list[int]] | None = None  # the rows' prompt / completion tokens: what the packed forward runs
+    completion_ids: list[list[int]] | None = None
 
 
 class GRPOObjective:
@@ -86,20 +88,32 @@ class GRPOObjective:
         out = []
         for s in range(0, n, self.micro):
             sl = slice(s, s + self.micro)
-            ids, att, comp = input_ids[sl], attention[sl], completion[sl]
-            old = self._logp(ctx.model, ids, att) if d.updates_per_batch > 1 else None
-            ref = self._logp(ctx.reference, ids, att) if self.lossc.beta > 0 else None
-            out.append(RolloutBatch(ids, att, comp, advantages[sl], old, ref, n, total_tokens, metrics))
+            batch = RolloutBatch(
+                input_ids[sl], attention[sl], completion[sl], advantages[sl], None, None, n, total_tokens, metrics,
+                roll.prompt_ids[sl], roll.completion_ids[sl],
+            )
+            if d.updates_per_batch > 1:
+                batch.old_logp = self._logp(ctx.model, batch)
+            if self.lossc.beta > 0:
+                batch.ref_logp = self._logp(ctx.reference, batch)
+            out.append(batch)
         return out
 
-    def _logp(self, model: torch.nn.Module, ids: torch.Tensor, att: torch.Tensor) -> torch.Tensor:
+    def _logp(self, model: torch.nn.Module, batch: RolloutBatch) -> torch.Tensor:
+        """[B, L-1] log-probs of each row's next token (valid where ``completion_mask``)."""
         device = next(model.parameters()).device
+        if batch.prompt_ids is not None and packable(model):
+            return packed_logp(model, batch.prompt_ids, batch.completion_ids, batch.input_ids.shape[1],
+                               self.data.temperature, device)
+        ids, att = batch.input_ids, batch.attention_mask
         logits = model(input_ids=ids.to(device), attention_mask=att.to(device)).logits[:, :-1]
         return token_logprobs(logits, ids[:, 1:].to(device), self.data.temperature)
 
     def loss(self, model: torch.nn.Module, batch: RolloutBatch) -> tuple[torch.Tensor, dict[str, float]]:
         device = next(model.parameters()).device
-        logp = self._logp(model, batch.input_ids, batch.attention_mask)
+        if self.lossc.beta == 0:
+            batch = _without_flat_rows(batch)
+        logp = self._logp(model, batch)
         mask = batch.completion_mask.to(device)
         per_token, stats = grpo_token_loss(
             logp,
@@ -120,3 +134,94 @@ class GRPOObjective:
         else:  # bnpo and dapo: token sum over the whole rollout batch's completion tokens
             loss = aggregate(per_token, mask, "dapo", num_items=batch.total_tokens)
         return loss, {**batch.metrics, **{k: float(v) for k, v in stats.items()}}
+
+
+def _without_flat_rows(batch: RolloutBatch) -> RolloutBatch:
+    """The rows whose advantage is not exactly 0. With β = 0 a row with A = 0 has per-token loss −min(ρA, clip(ρ)A)
+    = 0 and zero gradient, and every normaliser (the share of ``total_sequences``, ``total_tokens``) counts the whole
+    rollout batch, so leaving them out of the forward changes neither loss nor gradient (only the clip/ratio
+    statistics, which are then over the rows that train). One row is kept if none is left (loss 0, gradient 0)."""
+    keep = (batch.advantages != 0).nonzero().squeeze(-1)
+    if len(keep) == len(batch.advantages):
+        return batch
+    if len(keep) == 0:
+        keep = keep.new_zeros(1)
+    rows = keep.tolist()
+    pick = lambda t: None if t is None else t[keep]  # noqa: E731
+    return RolloutBatch(
+        batch.input_ids[keep], batch.attention_mask[keep], batch.completion_mask[keep], batch.advantages[keep],
+        pick(batch.old_logp), pick(batch.ref_logp), batch.total_sequences, batch.total_tokens, batch.metrics,
+        None if batch.prompt_ids is None else [batch.prompt_ids[i] for i in rows],
+        None if batch.completion_ids is None else [batch.completion_ids[i] for i in rows],
+    )
+
+
+PACK_LIMIT = 1024  # longest packed row (prompt + completions); a group longer than this spreads over several rows
+
+
+def packable(model: torch.nn.Module) -> bool:
+    """Attention implementations that take an arbitrary 4-D additive mask (flash-attention kernels do not)."""
+    config = getattr(model, "config", None)
+    return getattr(config, "_attn_implementation", None) in ("sdpa", "eager")
+
+
+def packed_logp(model, prompt_ids, completion_ids, length, temperature, device) -> torch.Tensor:
+    """Log-probs of the completions with each prompt run once for all of its samples.
+
+    The completions of one prompt go into one row after it — [prompt, c_1, …, c_k] — with a mask under which c_j
+    attends to the prompt and to its own earlier tokens only, and positions that restart after the prompt for every
+    c_j: each completion token then sees exactly what it sees in its own row [prompt, c_j], so the log-probs (and
+    their gradients) are those of the padded batch, while the prompt's tokens run once per group instead of once per
+    sample and no row pads to the longest completion. Returns the padded layout ``[B, length-1]``: entry (i, t) is
+    log π(x_{t+1} | x_≤t) of row i, set where ``completion_mask`` is true and 0 elsewhere.
+    """
+    groups: dict[tuple[int, ...], list[int]] = {}
+    for i, p in enumerate(prompt_ids):
+        groups.setdefault(tuple(p), []).append(i)
+    packs: list[tuple[tuple[int, ...], list[int]]] = []  # (prompt, rows) of each packed row
+    for prompt, rows in groups.items():
+        current: list[int] = []
+        size = len(prompt)
+        for i in rows:
+            if current and size + len(completion_ids[i]) > PACK_LIMIT:
+                packs.append((prompt, current))
+                current, size = [], len(prompt)
+            current.append(i)
+            size += len(completion_ids[i])
+        packs.append((prompt, current))
+    width = max(len(p) + sum(len(completion_ids[i]) for i in rows) for p, rows in packs)
+    n_packs = len(packs)
+    ids = torch.zeros((n_packs, width), dtype=torch.long)
+    pos = torch.zeros((n_packs, width), dtype=torch.long)
+    seg = torch.full((n_packs, width), -2, dtype=torch.long)  # -1 prompt, j completion j, -2 padding
+    src_row, src_col, tgt, out_row, out_col = [], [], [], [], []
+    for r, (prompt, rows) in enumerate(packs):
+        plen = len(prompt)
+        ids[r, :plen] = torch.tensor(prompt)
+        pos[r, :plen] = torch.arange(plen)
+        seg[r, :plen] = -1
+        at = plen
+        for j, i in enumerate(rows):
+            c = completion_ids[i]
+            ids[r, at : at + len(c)] = torch.tensor(c)
+            pos[r, at : at + len(c)] = torch.arange(plen, plen + len(c))
+            seg[r, at : at + len(c)] = j
+            # token k of c is predicted at the prompt's last position (k = 0) or at c's token k-1
+            src_row += [r] * len(c)
+            src_col += [plen - 1] + list(range(at, at + len(c) - 1))
+            tgt += c
+            out_row += [i] * len(c)
+            out_col += list(range(plen - 1, plen - 1 + len(c)))
+            at += len(c)
+    q = torch.arange(width)
+    allowed = (q[:, None] >= q[None, :]) & (
+        (seg[:, :, None] == seg[:, None, :]) | ((seg[:, None, :] == -1) & (seg[:, :, None] != -2))
+    )
+    allowed |= torch.eye(width, dtype=torch.bool)  # padding attends to itself: no empty softmax rows
+    dtype = next(model.parameters()).dtype
+    mask = torch.zeros(allowed.shape, dtype=dtype).masked_fill_(~allowed, torch.finfo(dtype).min)[:, None]
+    logits = model(input_ids=ids.to(device), attention_mask=mask.to(device), position_ids=pos.to(device)).logits
+    picked = logits[torch.tensor(src_row, device=device), torch.tensor(src_col, device=device)]
+    lp = token_logprobs(picked, torch.tensor(tgt, device=device), temperature)
+    out = torch.zeros((len(prompt_ids), length - 1), dtype=lp.dtype, device=device)
+    return out.index_put((torch.tensor(out_row, device=device), torch.tensor(out_col, device=device)), lp)
