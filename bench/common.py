@@ -83,3 +83,12 @@ def quiet() -> None:
         datasets.logging.set_verbosity_error()
     except ImportError:
         pass
+
+
+def trl_cpu_args(lr: float, max_steps: int) -> dict[str, Any]:
+    """The TRL TrainingArguments both TRL references share: CPU, fp32, constant lr, no logging/eval/saving."""
+    return dict(
+        learning_rate=lr, lr_scheduler_type="constant", max_grad_norm=1.0, max_steps=max_steps, use_cpu=True,
+        bf16=False, fp16=False, logging_strategy="no", save_strategy="no", eval_strategy="no", report_to=[],
+        disable_tqdm=True, dataloader_num_workers=0, seed=0,
+    )

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import tempfile
 
-from common import StepClock, retain_trainer, trl_clock_callback
+from common import StepClock, retain_trainer, trl_clock_callback, trl_cpu_args
 
 PROMPTS_PER_STEP = 16
 GROUP = 8
@@ -81,20 +81,7 @@ def trl_grpo(warmup: int, steps: int) -> dict:
             num_iterations=1,
             loss_type="grpo",
             scale_rewards="group",
-            learning_rate=LR,
-            lr_scheduler_type="constant",
-            max_grad_norm=1.0,
-            max_steps=warmup + steps,
-            use_cpu=True,
-            bf16=False,
-            fp16=False,
-            logging_strategy="no",
-            save_strategy="no",
-            eval_strategy="no",
-            report_to=[],
-            disable_tqdm=True,
-            dataloader_num_workers=0,
-            seed=0,
+            **trl_cpu_args(LR, warmup + steps),
         )
         trainer = GRPOTrainer(
             model=model, reward_funcs=reward_fn, args=args, train_dataset=data, processing_class=tok,

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import tempfile
 
-from common import StepClock, retain_trainer, trl_clock_callback
+from common import StepClock, retain_trainer, trl_clock_callback, trl_cpu_args
 
 BATCH = 32
 LR = 3e-4
@@ -74,20 +74,7 @@ def trl_sft(warmup: int, steps: int) -> dict:
             packing=False,
             padding_free=False,
             max_length=None,
-            learning_rate=LR,
-            lr_scheduler_type="constant",
-            max_grad_norm=1.0,
-            max_steps=warmup + steps,
-            use_cpu=True,
-            bf16=False,
-            fp16=False,
-            logging_strategy="no",
-            save_strategy="no",
-            eval_strategy="no",
-            report_to=[],
-            disable_tqdm=True,
-            dataloader_num_workers=0,
-            seed=0,
+            **trl_cpu_args(LR, warmup + steps),
         )
         trainer = SFTTrainer(
             model=model, args=args, train_dataset=data, processing_class=tok, callbacks=[trl_clock_callback(clock)],
