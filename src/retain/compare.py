@@ -53,10 +53,22 @@ def run_row(run_dir: str | Path, results: dict[str, Any]) -> dict[str, Any]:
     return row
 
 
+def find_runs(path: str | Path) -> list[Path]:
+    """``path`` itself when it is a run; else every finished run below it (a sweep's or demo's directory), sorted."""
+    path = Path(path)
+    if (path / "results.json").is_file() or not path.is_dir():
+        return [path]
+    found = sorted(p.parent for p in path.rglob("results.json"))
+    if not found:
+        raise RetainError(f"{path}: no results.json in it or below it (not a finished retain run, nor a directory of runs)")
+    return found
+
+
 def compare_rows(run_dirs: Sequence[str | Path]) -> list[dict[str, Any]]:
+    """One row per run; a directory that is not itself a run stands for every finished run below it."""
     if not run_dirs:
         raise RetainError("compare needs at least one run directory")
-    return [run_row(d, load_results(d)) for d in run_dirs]
+    return [run_row(d, load_results(d)) for given in run_dirs for d in find_runs(given)]
 
 
 def _fmt(value: Any) -> str:
