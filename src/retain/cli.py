@@ -108,8 +108,47 @@ def run(
 
 
 @app.command()
+def sweep(
+    config: Path = typer.Argument(..., help="sweep YAML: an experiment plus grid: (and resources:)"),
+    backend: str = typer.Option("local", help="ray (one Ray task per run) or local (processes on this machine)"),
+    out: Path = typer.Option(..., "--out", help="sweep directory: one run directory per grid point, sweep.json"),
+    address: Optional[str] = typer.Option(None, help="Ray cluster to connect to (default: start a local one)"),
+    workers: Optional[int] = typer.Option(None, min=0, help="runs at once (local: default 1, 0 = in this process; "
+                                          "ray: a local cluster of WORKERS × resources.cpus CPUs)"),
+) -> None:
+    """Run a grid of experiments (methods, seeds, any field) on Ray or locally; retry failures once; skip finished runs."""
+    from rich.console import Console
+    from rich.markup import escape
+
+    from retain.sweep import run_sweep
+
+    console = Console(stderr=True)
+
+    def update(event: str, data: dict) -> None:
+        if event == "plan":
+            console.print(f"sweep: {data['runs']} runs ({data['skipped']} already finished) into {data['out']}")
+        elif event == "start":
+            console.print(f"start {data['name']}" + (f" (attempt {data['attempt']})" if data["attempt"] > 1 else ""))
+        elif event == "done":
+            console.print(f"[green]done[/green] {data['name']} ({data['seconds']:.1f} s)")
+        elif event == "failed":
+            then = "retrying once" if data["retry"] else "failed twice, giving up"
+            console.print(f"[red]failed[/red] {escape(data['name'])} (attempt {data['attempt']}, {then}): "
+                          f"{escape(str(data['error']))}", highlight=False)
+
+    summary = run_sweep(config, out, backend=backend, address=address, workers=workers, progress=update)
+    runs = summary["runs"]
+    counts = {s: sum(r["status"] == s for r in runs) for s in ("done", "skipped", "failed")}
+    print(f"{counts['done']} done, {counts['skipped']} skipped (already finished), {counts['failed']} failed; "
+          f"{out / 'sweep.json'}; compare with: retain compare {out}")
+    if summary["failed"]:
+        print(f"retain: {len(summary['failed'])} run(s) failed twice: {', '.join(summary['failed'])}", file=sys.stderr)
+        sys.exit(1)  # not typer.Exit: main() runs the app with standalone_mode=False, which returns its code
+
+
+@app.command()
 def compare(
-    runs: list[Path] = typer.Argument(..., help="run directories"),
+    runs: list[Path] = typer.Argument(..., help="run directories, or directories of runs (a sweep's --out)"),
     csv_out: bool = typer.Option(False, "--csv", help="CSV instead of a markdown table"),
     parquet: Optional[Path] = typer.Option(None, help="also write every row to this parquet file (DuckDB-queryable)"),
 ) -> None:
