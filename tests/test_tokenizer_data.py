@@ -50,3 +50,21 @@ def test_left_pad():
     ids, mask = left_pad([[5, 6, 7], [8]], pad_id=0)
     assert ids.tolist() == [[5, 6, 7], [0, 0, 8]]
     assert mask.tolist() == [[1, 1, 1], [0, 0, 1]]
+
+
+def test_right_padded_forward_without_mask_matches_masked_forward(tokenizer):
+    """model_inputs drops the attention mask of right-padded batches: every real position's logits are unchanged."""
+    import torch
+
+    from retain.data import model_inputs
+    from retain.models.tiny import make_model
+
+    torch.manual_seed(0)
+    model = make_model("tiny", tokenizer).eval()
+    batch = encode_pairs(tokenizer, [("1+2", "3"), ("a much longer prompt than the first", "an answer")])
+    assert (batch.attention_mask == 0).any()  # the batch is padded
+    masked = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+    unmasked = model(**model_inputs(batch, "cpu")).logits
+    real = batch.attention_mask.bool()
+    assert "attention_mask" not in model_inputs(batch, "cpu")
+    assert torch.allclose(masked[real], unmasked[real], atol=1e-5, rtol=0)

@@ -60,6 +60,14 @@ def collate(sequences: Sequence[tuple[list[int], list[int]]], pad_id: int) -> To
     return TokenBatch(input_ids, mask, labels)
 
 
+def model_inputs(batch: TokenBatch, device: torch.device | str) -> dict[str, torch.Tensor]:
+    """Forward arguments for a right-padded batch. The attention mask is left out: under causal attention a real
+    token only sees earlier positions, which are all real, so padding cannot reach it, and without an explicit mask
+    the model takes the fused causal attention kernel instead of materialising a [B, 1, T, T] mask. Padding
+    positions then see real tokens, but their outputs are never read (no label, no loss)."""
+    return {"input_ids": batch.input_ids.to(device)}
+
+
 def encode_pairs(tok: PreTrainedTokenizerBase, pairs: Sequence[tuple[str, str]]) -> TokenBatch:
     return collate([(encode_prompt(tok, p), encode_answer(tok, a)) for p, a in pairs], tok.pad_token_id)
 

@@ -10,7 +10,7 @@ from typing import Iterator, Sequence
 import torch
 from transformers import PreTrainedTokenizerBase
 
-from retain.data import IGNORE, collate, encode_answer, encode_prompt
+from retain.data import IGNORE, collate, encode_answer, encode_prompt, model_inputs
 from retain.losses import token_logprobs
 
 
@@ -32,7 +32,7 @@ def teacher_forced(
             chunk = pairs[start : start + batch_size]
             encoded = [(encode_prompt(tokenizer, p), encode_answer(tokenizer, a)) for p, a in chunk]
             batch = collate(encoded, tokenizer.pad_token_id)
-            logits = model(input_ids=batch.input_ids.to(device), attention_mask=batch.attention_mask.to(device)).logits
+            logits = model(**model_inputs(batch, device)).logits
             targets = batch.labels[:, 1:].to(device)
             yield start, logits[:, :-1], targets, targets != IGNORE
     finally:
