@@ -33,7 +33,7 @@ def make_config(method: str, lr: float, seed: int) -> ExperimentConfig:
 
 def make_results(method: str, lr: float, seed: int, *, gain: float = 0.3, forget: float = 0.05, drop: float = 0.1,
                  ood: float = 0.0, kl: float = 1.0, noise: float = 0.01, base: float = 0.2,
-                 prior_base: float = 0.9, train_extra: float = 0.1) -> dict[str, Any]:
+                 prior_base: float = 0.9, train_extra: float = 0.1, ood_base: float = 0.3) -> dict[str, Any]:
     """A valid results.json: stage task j gains ``gain`` at its stage and loses ``forget`` per later stage; prior skills
     fall linearly to ``prior_base − drop``; the gpoints OOD split moves by ``ood``; the last stage's forward KL is
     ``kl`` (reverse KL 0.5·kl + 0.1, weight L2 √kl); ``noise`` is the sd of seeded Gaussian noise on every cell."""
@@ -51,7 +51,7 @@ def make_results(method: str, lr: float, seed: int, *, gain: float = 0.3, forget
                 held = base + (gain - forget * (k - j) if k >= j else 0.0)
                 v = held + train_extra if split == "train" else held
                 if split == "ood":
-                    v = 0.3 + (ood * k / T if name == "gpoints" else 0.0)
+                    v = ood_base + (ood * k / T if name == "gpoints" else 0.0)
             else:
                 v = prior_base - drop * k / T
             eps = rng.normal(0.0, noise) if noise and k > 0 else 0.0
@@ -207,6 +207,16 @@ def test_other_methods_findings(tmp_path: Path) -> None:
     assert f["5"]["verdict"] == "not reproduced", f["5"]  # iterative_sft is not between
     assert "self_sft" in f["5"]["measured"] and "→ reproduced" in f["5"]["measured"]
     assert f["7"]["verdict"] == "reproduced", f["7"]
+
+
+def test_ood_finding_is_inconclusive_when_the_base_scores_zero(tmp_path: Path) -> None:
+    spec = {"sft": {3e-4: {**SFT_FORGETS, "ood": 0.0, "ood_base": 0.0, "noise": 0.0}},
+            "grpo": {3e-4: {**GRPO_KEEPS, "ood": 0.0, "ood_base": 0.0, "noise": 0.0}}}
+    f = _findings(make_demo(tmp_path, spec))["6"]
+    assert f["verdict"] == "inconclusive" and "cannot be measured" in f["measured"], f
+    # the same runs with a base that can fall: SFT falls, GRPO rises -> reproduced
+    spec = {"sft": {3e-4: SFT_FORGETS}, "grpo": {3e-4: GRPO_KEEPS}}
+    assert _findings(make_demo(tmp_path / "b", spec))["6"]["verdict"] == "reproduced"
 
 
 def test_eaft_losing_the_gain_is_not_reproduced(tmp_path: Path) -> None:

@@ -162,6 +162,8 @@ def run_values(results: dict[str, Any]) -> dict[str, float | None]:
     for col, v in (m.get("ood_change") or {}).items():
         if not col.endswith("@train"):
             out[f"ood:{col}"] = _finite(v)
+            # the base model's accuracy there: a change from 0 can only be a rise (a fall is unmeasurable)
+            out[f"ood_base:{col}"] = _finite(results["matrix"][0][cols.index(col)]) if col in cols else None
     shift = results.get("shift") or {}
     for k in SHIFT_KEYS:
         vals = shift.get(k) or []

@@ -380,8 +380,8 @@ def finding_gpoints_ood(agg: dict[str, Any], column: str = "gpoints@ood") -> dic
             "operating points, 95% t-intervals per method and a Welch interval for d = change(grpo) − change(sft); "
             "reproduced if SFT's interval lies entirely below 0, GRPO's interval does not lie entirely below 0, and "
             "d's interval lies entirely above 0; not reproduced if SFT's interval lies entirely above 0, GRPO's "
-            "entirely below 0, or d's entirely below 0; otherwise inconclusive; fewer than 2 seeds or a method or "
-            "column not run → inconclusive")
+            "entirely below 0, or d's entirely below 0; otherwise inconclusive; fewer than 2 seeds, a method or "
+            "column not run, or a base model at 0 on the column (nothing to fall from) → inconclusive")
     scale = agg["scale"]
     gs, why = _groups(agg, ["sft", "grpo"])
     if why:
@@ -390,6 +390,11 @@ def finding_gpoints_ood(agg: dict[str, Any], column: str = "gpoints@ood") -> dic
         return _finding("6", claim, paper, f"not run: no {column} column in the runs", INCONCLUSIVE, rule)
     s, g = gs["sft"]["stats"][metric], gs["grpo"]["stats"][metric]
     d = contrast(g["values"], s["values"])
+    base = [v for grp in gs.values() for v in _values(grp, f"ood_base:{column}")]
+    if base and max(base) == 0 and min(s["values"], default=0) >= 0:
+        return _finding("6", claim, paper, f"the base model scores 0 on {column} in every run (n = {len(base)}), so a "
+                        f"fall under SFT cannot be measured; OOD change (pts): {_desc('sft', gs['sft'], metric, scale)}, "
+                        f"{_desc('grpo', gs['grpo'], metric, scale)}", INCONCLUSIVE, rule, d=d)
     measured = (f"OOD change (pts): {_desc('sft', gs['sft'], metric, scale)}, "
                 f"{_desc('grpo', gs['grpo'], metric, scale)}; "
                 f"d = {fmt_ci(d['d'], d['low'], d['high'], scale)}")
