@@ -14,6 +14,11 @@ eval:
                             # or names: 'kg', 'kg@ood', 'prior', 'sequence'
   n: 128                    # prompts per task
 shift: {prompts: 64, samples: 1}
+engine: cached              # rollout engine: cached (default) | hf | vllm (GPU, pip install 'retain[vllm]')
+dtype: fp32                 # weights as loaded: fp32 | bf16 | fp16 | auto (the checkpoint's own dtype)
+mixed_precision: "no"       # no | bf16 | fp16: autocast forward over fp32 weights (accelerate's mixed precision)
+gradient_checkpointing: false   # recompute activations in the backward (large models, long sequences)
+device: auto                # auto (this process's GPU if any, else CPU) | cpu | cuda
 ```
 Every error is a ``RetainError`` naming the field path (``stages[1].task``), raised before a run directory exists.
 """
@@ -77,6 +82,14 @@ class ExperimentConfig(_Strict):
     streaming: StreamingConfig = Field(default_factory=StreamingConfig)
     engine: Literal["cached", "hf", "vllm"] = "cached"
     trust_remote_code: bool = False
+    dtype: Literal["fp32", "bf16", "fp16", "auto"] = Field(
+        "fp32", description="dtype of the weights as loaded (bf16 halves memory; small updates round away)"
+    )
+    mixed_precision: Literal["no", "bf16", "fp16"] = Field(
+        "no", description="autocast the forward over fp32 weights (accelerate); the usual way to train in bf16"
+    )
+    gradient_checkpointing: bool = Field(False, description="recompute activations in the backward pass")
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: this process's GPU if any, else CPU")
 
     @model_validator(mode="after")
     def _methods_and_eval_tasks_resolve(self) -> "ExperimentConfig":

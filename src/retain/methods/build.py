@@ -18,6 +18,7 @@ from transformers import PreTrainedTokenizerBase
 
 from retain import tasks as task_registry
 from retain.data import encode_answer, encode_prompt
+from retain.distributed import make_accelerator, train_device
 from retain.methods import adapters
 from retain.methods.config import (
     ConflictMaskedLoss, DistillReg, EAFTLoss, EWCReg, KLRefReg, L2SPReg, MethodConfig, OnPolicyData, method_config,
@@ -30,8 +31,8 @@ from retain.methods.stage import MethodState, StageContext
 from retain.train import Trainer
 
 
-def _train_device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+def _train_device(device: str = "auto") -> torch.device:
+    return train_device(device)
 
 
 def frozen_copy(model: torch.nn.Module) -> torch.nn.Module:
@@ -102,11 +103,14 @@ def train_stage(
     engine: str = "cached",
     checkpoint_dir: str | Path | None = None,
     log: Callable[[dict[str, Any]], None] | None = None,
+    device: str = "auto",
+    mixed_precision: str = "no",
 ) -> torch.nn.Module:
-    """Train ``model`` on ``task_name`` with ``method``; returns the trained model (adapter merged if per-stage)."""
+    """Train ``model`` on ``task_name`` with ``method``; returns the trained model (adapter merged if per-stage).
+    ``device`` (auto / cpu / cuda) and ``mixed_precision`` (no / bf16 / fp16) are the experiment config's."""
     cfg = method_config(method)
     state = state if state is not None else MethodState()
-    model.to(_train_device())  # before the frozen copy, so the reference sits where the policy computes
+    model.to(_train_device(device))  # before the frozen copy, so the reference sits where the policy computes
     reference = frozen_copy(model)
     if cfg.adapter is not None:
         model = adapters.attach(model, cfg.adapter)
@@ -116,7 +120,8 @@ def train_stage(
     )
     objective = build_objective(cfg, ctx)
     train_cfg = cfg.train.model_copy(update={"seed": seed})
-    model = Trainer(model, objective, train_cfg, checkpoint_dir=checkpoint_dir, log=log).run()
+    accelerator = make_accelerator(device, mixed_precision)
+    model = Trainer(model, objective, train_cfg, checkpoint_dir=checkpoint_dir, log=log, accelerator=accelerator).run()
     for reg in cfg.regularizers:
         if isinstance(reg, EWCReg):
             pairs = reference_pairs(ctx, task_name, "canonical", seed)

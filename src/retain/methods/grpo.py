@@ -6,6 +6,10 @@ logits / temperature, for the policy, the sampling policy and the reference alik
 1 and old log-probs are the current ones, detached; with μ > 1 they are computed once per rollout batch. The
 reference is the stage's starting model. Micro-batches contribute their share of the aggregation over the whole
 rollout batch (``grpo``: sequences; ``bnpo``/``dapo``: tokens; ``dr_grpo``: sequences × max length).
+
+Under DDP (several processes) the rollout is sharded by prompt: each rank samples the whole groups of its contiguous
+share of the step's prompts (seed × world size + rank), and the parts are gathered, so every rank holds the same
+rollout batch — the prompt order of one process — and the Trainer hands each rank its share of the micro-batches.
 """
 
 from __future__ import annotations
@@ -15,11 +19,12 @@ from dataclasses import dataclass
 
 import torch
 
+from retain import distributed
 from retain.evaluate import DEFAULT_MAX_NEW_TOKENS
 from retain.losses import aggregate, group_advantages, grpo_token_loss, token_logprobs
 from retain.methods.config import GRPOLoss, MethodConfig, OnPolicyData
 from retain.methods.stage import StageContext
-from retain.rollout import make_engine
+from retain.rollout import Rollout, make_engine
 
 
 @dataclass
@@ -41,7 +46,8 @@ class GRPOObjective:
     def __init__(self, cfg: MethodConfig, ctx: StageContext) -> None:
         assert isinstance(cfg.data, OnPolicyData) and isinstance(cfg.loss, GRPOLoss)
         self.data, self.lossc, self.ctx = cfg.data, cfg.loss, ctx
-        self.micro = cfg.micro_batch_size or cfg.data.prompts_per_step * cfg.data.group_size
+        rows = cfg.data.prompts_per_step * cfg.data.group_size
+        self.micro = cfg.micro_batch_size or -(-rows // distributed.world_size())  # one share per process
         self.max_new = cfg.max_new_tokens or getattr(ctx.task, "max_new_tokens", DEFAULT_MAX_NEW_TOKENS)
         self.prompts = [e.prompt for e in ctx.task.examples("train", None, seed=0)]
         self.engine = make_engine(ctx.engine, ctx.model, ctx.tokenizer)
@@ -58,10 +64,7 @@ class GRPOObjective:
         d, ctx = self.data, self.ctx
         rng = random.Random(ctx.seed * 1_000_003 + step)
         chosen = rng.sample(self.prompts, min(d.prompts_per_step, len(self.prompts)))
-        roll = self.engine.generate(
-            chosen, n=d.group_size, temperature=d.temperature, max_new_tokens=self.max_new,
-            seed=ctx.seed * 1_000_003 + step,
-        )
+        roll = self._generate(chosen, ctx.seed * 1_000_003 + step)
         rewards = [ctx.task.reward(p, t) for p, t in zip(roll.prompts, roll.texts)]
         advantages = group_advantages(rewards, d.group_size, self.lossc.scale, self.lossc.adv_eps)
         correct = [r >= 1.0 for r in rewards]
@@ -98,6 +101,19 @@ class GRPOObjective:
                 batch.ref_logp = self._logp(ctx.reference, batch)
             out.append(batch)
         return out
+
+    def _generate(self, prompts: list[str], seed: int) -> Rollout:
+        d = self.data
+        self.engine.sync_weights(self.ctx.model)  # engines with their own copy of the weights (vLLM) refresh it
+        world = distributed.world_size()
+        if world == 1:
+            return self.engine.generate(prompts, n=d.group_size, temperature=d.temperature,
+                                        max_new_tokens=self.max_new, seed=seed)
+        rank = distributed.rank()
+        mine = distributed.shard(prompts, rank, world)
+        part = self.engine.generate(mine, n=d.group_size, temperature=d.temperature, max_new_tokens=self.max_new,
+                                    seed=seed * world + rank) if mine else None
+        return Rollout.concat([p for p in distributed.all_gather_objects(part) if p is not None])
 
     def _logp(self, model: torch.nn.Module, batch: RolloutBatch) -> torch.Tensor:
         """[B, L-1] log-probs of each row's next token (valid where ``completion_mask``)."""

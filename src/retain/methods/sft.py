@@ -14,6 +14,7 @@ from typing import Callable, Protocol, Sequence
 import torch
 
 from retain.data import IGNORE, TokenBatch, collate
+from retain.distributed import world_size
 from retain.losses import confident_conflict_mask, eaft_weights, sft_loss
 
 Pair = tuple[list[int], list[int]]  # (prompt ids, answer ids ending with eos)
@@ -48,7 +49,8 @@ def conflict_masking(entropy_max: float, prob_max: float) -> TokenWeighting:
 
 class SFTObjective:
     """Each step draws ``batch_size`` token pairs from ``sampler`` (seeded by ``(seed, step)``, so resume is exact)
-    and splits them into micro-batches of ``micro_batch_size``."""
+    and splits them into micro-batches of ``micro_batch_size`` (default: the whole batch, or one share per process
+    under DDP, where the Trainer gives each process its share of the micro-batches)."""
 
     def __init__(
         self,
@@ -63,7 +65,7 @@ class SFTObjective:
         self.sampler = sampler
         self.pad_id = pad_id
         self.batch_size = batch_size
-        self.micro = micro_batch_size or batch_size
+        self.micro = micro_batch_size or -(-batch_size // world_size())
         self.seed = seed
         self.weighting = weighting
         self.regularizers = list(regularizers)

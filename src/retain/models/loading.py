@@ -73,14 +73,26 @@ def load_tokenizer(spec: str | Path, trust_remote_code: bool = False) -> PreTrai
     return tok
 
 
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "auto": "auto"}
+
+
 def load_model(
     spec: str | Path,
     *,
     trust_remote_code: bool = False,
-    dtype: torch.dtype | None = None,
+    dtype: torch.dtype | str | None = None,
     device: str | torch.device | None = None,
+    gradient_checkpointing: bool = False,
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    """(model, tokenizer) for ``spec``: ``base``, a local HF causal-LM directory, or a hub name."""
+    """(model, tokenizer) for ``spec``: ``base``, a local HF causal-LM directory, or a hub name.
+
+    ``dtype``: a torch dtype or ``fp32`` (default) / ``bf16`` / ``fp16`` / ``auto`` (the checkpoint's own).
+    ``gradient_checkpointing``: recompute each layer's activations in the backward (non-reentrant; only while
+    training, so generation keeps its KV cache)."""
+    if isinstance(dtype, str):
+        if dtype not in DTYPES:
+            raise RetainError(f"dtype {dtype!r}: expected one of {', '.join(DTYPES)}")
+        dtype = DTYPES[dtype]
     path = resolve_model_path(spec)
     tok = load_tokenizer(spec, trust_remote_code)
     try:
@@ -89,6 +101,8 @@ def load_model(
         )
     except (OSError, ValueError) as err:
         raise RetainError(f"cannot load model {spec!r}: {_first_line(err)}") from None
+    if gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if device is not None:
         model.to(device)
     model.eval()

@@ -27,6 +27,21 @@ class Rollout:
     def __len__(self) -> int:
         return len(self.texts)
 
+    @classmethod
+    def concat(cls, parts: Sequence["Rollout"]) -> "Rollout":
+        """The rollouts of consecutive prompt lists as one (``group`` renumbered to index the joined prompts)."""
+        out = cls([], [], [], [], [], [])
+        offset = 0
+        for part in parts:
+            out.prompts += part.prompts
+            out.prompt_ids += part.prompt_ids
+            out.completion_ids += part.completion_ids
+            out.texts += part.texts
+            out.group += [g + offset for g in part.group]
+            out.truncated += part.truncated
+            offset += max(part.group, default=-1) + 1
+        return out
+
 
 class RolloutEngine(ABC):
     @abstractmethod
