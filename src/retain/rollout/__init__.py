@@ -20,8 +20,10 @@ def make_engine(name: str, model: torch.nn.Module, tokenizer: PreTrainedTokenize
         from retain.rollout.hf import HFGenerateEngine
 
         return HFGenerateEngine(model, tokenizer, batch_size)
-    if name == "vllm":
-        raise RetainError("rollout engine 'vllm' needs the vllm package and a GPU (pip install 'retain[vllm]')")
+    if name == "vllm":  # imported here only: CPU installs never import vllm
+        from retain.rollout.vllm import VLLMEngine
+
+        return VLLMEngine(model, tokenizer, batch_size)
     raise RetainError(f"unknown rollout engine {name!r} (engines: {', '.join(ENGINES)})")
 
 

@@ -1,0 +1,214 @@
+"""The vLLM rollout engine's logic on CPU, against a stand-in ``vllm`` module (no GPU and no vllm here).
+
+The stand-in records what the engine asks of vLLM (the LLM's arguments, the requests and their SamplingParams, the
+weights pushed into its worker model) and answers with canned completions. What a real vLLM does with those calls
+is not tested here.
+"""
+
+from __future__ import annotations
+
+import sys
+import types
+
+import pytest
+import torch
+
+from retain.data import encode_prompt
+from retain.errors import RetainError
+from retain.rollout import make_engine
+from retain.rollout import vllm as vllm_engine
+
+
+class SamplingParams:
+    def __init__(self, **kwargs):
+        self.__dict__.update(kwargs)
+
+
+class _Worker:
+    def __init__(self, pushes):
+        self.pushes = pushes
+
+    def load_weights(self, weights):
+        self.pushes.append({name: t.detach().clone() for name, t in weights})
+
+
+class LLM:
+    instances: list["LLM"] = []
+
+    def __init__(self, **kwargs):
+        self.kwargs = kwargs
+        self.pushes: list[dict[str, torch.Tensor]] = []
+        self.requests: list[tuple[list, list]] = []
+        self.resets = 0
+        worker = types.SimpleNamespace(model_runner=types.SimpleNamespace(model=_Worker(self.pushes)))
+        self.llm_engine = types.SimpleNamespace(model_executor=types.SimpleNamespace(driver_worker=worker))
+        LLM.instances.append(self)
+
+    def reset_prefix_cache(self):
+        self.resets += 1
+
+    def generate(self, prompts, sampling_params, use_tqdm=True):
+        """Sample i answers with tokens 5, 6, …: i % 3 == 0 stops at eos (reported, followed by junk), 1 runs to
+        max_tokens, 2 stops at eos without reporting it."""
+        self.requests.append((prompts, sampling_params))
+        eos = self.eos
+        outs = []
+        for i, (prompt, sp) in enumerate(zip(prompts, sampling_params)):
+            if i % 3 == 0:
+                ids, reason = [5, 6, eos, 7], "stop"
+            elif i % 3 == 1:
+                ids, reason = [5 + (i % 4)] * sp.max_tokens, "length"
+            else:
+                ids, reason = [6, 5], "stop"
+            sample = types.SimpleNamespace(token_ids=ids, finish_reason=reason)
+            outs.append(types.SimpleNamespace(prompt_token_ids=prompt["prompt_token_ids"], outputs=[sample]))
+        return outs
+
+
+@pytest.fixture()
+def fake_vllm(monkeypatch, tokenizer):
+    module = types.ModuleType("vllm")
+    module.LLM, module.SamplingParams = LLM, SamplingParams
+    LLM.instances = []
+    LLM.eos = tokenizer.eos_token_id
+    monkeypatch.setitem(sys.modules, "vllm", module)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    for var in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):  # the engine sets them: restore
+        monkeypatch.setenv(var, "")
+        monkeypatch.delenv(var)
+    vllm_engine.release()
+    yield module
+    vllm_engine.release()
+
+
+@pytest.fixture()
+def base():
+    from retain.models.loading import load_model
+
+    return load_model("base")
+
+
+def test_without_vllm_one_clear_error(monkeypatch, micro_model, tokenizer):
+    monkeypatch.setitem(sys.modules, "vllm", None)  # import vllm raises ImportError
+    with pytest.raises(RetainError, match=r"pip install 'retain\[vllm\]'.*|vllm package"):
+        make_engine("vllm", micro_model, tokenizer)
+
+
+def test_without_cuda_one_clear_error(fake_vllm, monkeypatch, micro_model, tokenizer):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(RetainError, match="needs an NVIDIA GPU with CUDA"):
+        make_engine("vllm", micro_model, tokenizer)
+
+
+def test_model_without_a_path_is_refused(fake_vllm, micro_model, tokenizer):
+    with pytest.raises(RetainError, match="directory or hub name"):
+        make_engine("vllm", micro_model, tokenizer)
+
+
+def test_llm_arguments(fake_vllm, base):
+    model, tok = base
+    make_engine("vllm", model, tok)
+    (llm,) = LLM.instances
+    assert llm.kwargs["model"] == model.config._name_or_path
+    assert llm.kwargs["skip_tokenizer_init"] is True
+    assert llm.kwargs["distributed_executor_backend"] == "external_launcher"  # in-process worker, as TRL colocate
+    assert llm.kwargs["enable_prefix_caching"] is True and llm.kwargs["trust_remote_code"] is False
+
+
+def test_generate_shapes_sampling_params_and_eos_handling(fake_vllm, base):
+    model, tok = base
+    engine = make_engine("vllm", model, tok)
+    roll = engine.generate(["reverse abc", "reverse hello"], n=3, temperature=0.7, max_new_tokens=4, seed=11)
+    (llm,) = LLM.instances
+    prompts, params = llm.requests[-1]
+    assert len(roll) == len(prompts) == len(params) == 6
+    assert roll.group == [0, 0, 0, 1, 1, 1]
+    assert roll.prompts == ["reverse abc"] * 3 + ["reverse hello"] * 3
+    assert roll.prompt_ids[0] == encode_prompt(tok, "reverse abc") == prompts[0]["prompt_token_ids"]
+    assert all(p.n == 1 and p.temperature == 0.7 and p.max_tokens == 4 for p in params)
+    assert all(p.stop_token_ids == [tok.eos_token_id] and p.detokenize is False for p in params)
+    assert [p.seed for p in params] == [11 * vllm_engine.SEED_STRIDE + i for i in range(6)]  # distinct, reproducible
+    eos = tok.eos_token_id
+    assert roll.completion_ids[0] == [5, 6, eos]  # cut at the first eos
+    assert roll.completion_ids[1] == [6] * 4 and roll.truncated[1]  # ran to max_new_tokens
+    assert roll.completion_ids[2] == [6, 5, eos]  # stopped at eos that vLLM did not report
+    assert roll.truncated == [False, True, False] * 2
+    assert roll.texts[0] == tok.decode([5, 6], skip_special_tokens=True)
+    greedy = engine.generate(["reverse abc"], greedy=True, max_new_tokens=3)
+    assert len(greedy) == 1 and llm.requests[-1][1][0].temperature == 0.0 and llm.requests[-1][1][0].seed is None
+
+
+def test_weights_pushed_by_name_once_per_change(fake_vllm, base):
+    model, tok = base
+    engine = make_engine("vllm", model, tok)
+    engine.generate(["reverse abc"], max_new_tokens=2)
+    (llm,) = LLM.instances
+    names = {name for name, _ in model.named_parameters()}
+    assert len(llm.pushes) == 1 and set(llm.pushes[0]) == names
+    assert all(torch.equal(llm.pushes[0][n], p) for n, p in model.named_parameters())
+    assert llm.resets == 1  # the prefix cache's KV came from the old weights
+    engine.generate(["reverse abc"], max_new_tokens=2)
+    assert len(llm.pushes) == 1  # unchanged weights are not pushed again
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    model(input_ids=torch.tensor([[1, 2, 3]])).logits.sum().backward()
+    opt.step()  # an update bumps the parameters' version counters
+    engine.generate(["reverse abc"], max_new_tokens=2)
+    assert len(llm.pushes) == 2
+    assert all(torch.equal(llm.pushes[1][n], p) for n, p in model.named_parameters())
+    engine.sync_weights(model)  # explicit, as GRPO does before each rollout
+    assert len(llm.pushes) == 3
+
+
+def test_engines_share_one_llm_and_swap_weights(fake_vllm, base):
+    from retain.methods.build import frozen_copy
+
+    model, tok = base
+    other = frozen_copy(model)
+    with torch.no_grad():
+        next(other.parameters()).add_(1.0)
+    a, b = make_engine("vllm", model, tok), make_engine("vllm", other, tok)
+    assert len(LLM.instances) == 1  # one vLLM engine per process
+    (llm,) = LLM.instances
+    a.generate(["reverse abc"], max_new_tokens=2)
+    b.generate(["reverse abc"], max_new_tokens=2)
+    a.generate(["reverse abc"], max_new_tokens=2)
+    first = next(n for n, _ in model.named_parameters())
+    pushed = [p[first][0, 0].item() for p in llm.pushes]
+    value = next(model.parameters())[0, 0].item()
+    assert pushed == pytest.approx([value, value + 1.0, value])
+
+
+def test_lora_pushes_merged_base_weights(fake_vllm, base):
+    from retain.methods import adapters
+    from retain.methods.config import AdapterConfig
+
+    model, tok = base
+    names = {name for name, _ in model.named_parameters()}
+    lora = adapters.attach(model, AdapterConfig(r=4))
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for name, p in lora.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.1)  # peft starts B at 0: make the delta visible
+    engine = make_engine("vllm", lora, tok)
+    engine.generate(["reverse abc"], max_new_tokens=2)
+    (llm,) = LLM.instances
+    (pushed,) = llm.pushes
+    assert set(pushed) == names  # Hugging Face names, no adapter tensors
+    merged = dict(adapters.merged_copy(lora).named_parameters())
+    for name in names:
+        assert torch.allclose(pushed[name], merged[name], atol=1e-6), name
+    q = "model.layers.0.self_attn.q_proj.weight"
+    base_q = dict(lora.named_parameters())["base_model.model.model.layers.0.self_attn.q_proj.base_layer.weight"]
+    assert not torch.allclose(pushed[q], base_q)  # the delta is in
+
+
+def test_grpo_trains_through_the_vllm_engine(fake_vllm, base):
+    from retain.methods.build import train_stage
+
+    model, tok = base
+    method = {"name": "grpo", "data": {"prompts_per_step": 2, "group_size": 3}, "train": {"steps": 2, "lr": 1e-4}}
+    train_stage(model, tok, "countdown", method, engine="vllm", device="cpu")  # torch.cuda is faked: train on CPU
+    (llm,) = LLM.instances
+    assert len(llm.requests) == 2 and all(len(r[0]) == 6 for r in llm.requests)
+    assert len(llm.pushes) >= 2  # the policy's weights went in before each rollout
