@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
-from retain.io import atomic_write_json, read_json
+from retain.io import atomic_write_json, fault_point, read_json, verify_manifest, write_manifest
 
 
 class NonFiniteLoss(RuntimeError):
@@ -104,19 +104,18 @@ class Trainer:
         seed_everything(cfg.seed)
         self.cfg = cfg
         self.objective = objective
+        self.log = log or (lambda record: None)
         self.on_step = on_step  # called after every optimizer step (and its checkpoint) with (step, model)
         self.checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir else None
         self.accelerator = accelerator or Accelerator(cpu=not torch.cuda.is_available())
-        self.world = self.accelerator.num_processes  # > 1 under accelerate launch / torchrun: DDP (see _one_step)
-        main = self.accelerator.is_main_process
-        self.log = (log or _ignore) if main else _ignore  # only the main process writes logs and checkpoints
         optimizer = make_optimizer(model, cfg)
-        # The schedule steps once per optimizer step, not accelerate's once per process per step (its scheduler
-        # wrapper assumes per-process batches): it stays unprepared.
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
-        self.model, self.optimizer = self.accelerator.prepare(model, optimizer)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
+        self.model, self.optimizer, self.scheduler = self.accelerator.prepare(model, optimizer, scheduler)
         self.step = 0
         self.skipped = 0
+        if self.checkpoint_dir and self.accelerator.is_main_process:  # the newest intact checkpoint, or none
+            recover_checkpoint(self.checkpoint_dir)
+        self.accelerator.wait_for_everyone()
         if self.checkpoint_dir and (self.checkpoint_dir / "trainer_state.json").exists():
             self.load_checkpoint(self.checkpoint_dir)
 
@@ -154,8 +153,7 @@ class Trainer:
         return self.unwrapped
 
     def _one_step(self) -> tuple[dict[str, float], bool]:
-        micros = self._my_share(self.objective.batches(self.step))
-        world = self.world
+        micros = self.objective.batches(self.step)
         self.optimizer.zero_grad(set_to_none=True)
         metrics: list[dict[str, float]] = []
         finite = True
@@ -166,22 +164,11 @@ class Trainer:
                 if not torch.isfinite(loss).item():
                     finite = False
                     metrics.append({"loss": float("nan")})
-                    if world == 1:
-                        break
-                    self.accelerator.backward(loss * world)  # the other ranks wait in this step's all-reduce
-                    continue
-                # DDP averages gradients over ranks; × world turns that average into the sum over every rank's
-                # micro-batches, each normalised by the whole step's denominator: the 1-process gradient.
-                self.accelerator.backward(loss * world if world > 1 else loss)
+                    break
+                self.accelerator.backward(loss)
             metrics.append({"loss": float(loss.detach()), **m})
-        record = _mean(metrics)  # other metrics: this rank's micro-batches (the main process's are logged)
+        record = _mean(metrics)
         record["loss"] = sum(m["loss"] for m in metrics)
-        if world > 1:  # the step's loss over every rank; a non-finite loss anywhere skips the step everywhere
-            totals = self.accelerator.reduce(
-                torch.tensor([record["loss"], float(not finite)], dtype=torch.float64, device=self.accelerator.device),
-                "sum",
-            )
-            record["loss"], finite = float(totals[0]), bool(totals[1] == 0)
         if finite:
             if self.cfg.max_grad_norm is not None:
                 norm = self.accelerator.clip_grad_norm_(self.model.parameters(), self.cfg.max_grad_norm)
@@ -195,21 +182,6 @@ class Trainer:
             self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         return record, finite
-
-    def _my_share(self, micros: list[Any]) -> list[Any]:
-        """This rank's contiguous share of the step's micro-batches (all of them in one process)."""
-        if self.world == 1:
-            return micros
-        if len(micros) < self.world:
-            from retain.errors import RetainError
-
-            raise RetainError(
-                f"an optimizer step has {len(micros)} micro-batch(es) for {self.world} processes: set "
-                f"micro_batch_size to at most the batch size / {self.world} so every process has one"
-            )
-        from retain.distributed import shard
-
-        return shard(micros, self.accelerator.process_index, self.world)
 
     # --- checkpoints: model (safetensors), optimizer + schedule tensors, loop state, RNG; atomic by rename ---
     def save_checkpoint(self, path: str | Path) -> None:
@@ -228,11 +200,15 @@ class Trainer:
         )
         torch.save(_rng_state(), tmp / "rng.pt")
         atomic_write_json(tmp / "trainer_state.json", {"step": self.step, "skipped": self.skipped})
+        write_manifest(tmp)  # sha256 of every file: load verifies, and a damaged checkpoint is never used
+        fault_point("checkpoint")
         old = path.with_name(path.name + ".old")
         shutil.rmtree(old, ignore_errors=True)
         if path.exists():
             os.replace(path, old)
+        fault_point("checkpoint_swap")  # a kill here leaves only PATH.old: recover_checkpoint takes it
         os.replace(tmp, path)
+
         shutil.rmtree(old, ignore_errors=True)
 
     def load_checkpoint(self, path: str | Path) -> None:
@@ -248,6 +224,43 @@ class Trainer:
         self.step, self.skipped = int(meta["step"]), int(meta.get("skipped", 0))
 
 
+def recover_checkpoint(path: str | Path) -> tuple[int | None, list[str]]:
+    """Leave ``path`` holding the newest intact checkpoint (or nothing); return its step (None) and the problems met.
+
+    A checkpoint is intact when its files match its ``manifest.json`` (sha256 and size) and its trainer_state.json
+    reads. ``save_checkpoint`` moves PATH to PATH.old before renaming PATH.tmp into place, so a kill can leave
+    PATH.old alone: it is taken back. A damaged PATH or PATH.old is reported (a logged warning) and removed; the
+    temp directory of an unfinished save is removed unread."""
+    import logging
+
+    path = Path(path)
+    old, tmp = path.with_name(path.name + ".old"), path.with_name(path.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    problems: list[str] = []
+
+    def step_of(d: Path) -> int | None:
+        if not d.is_dir():
+            return None
+        problem = verify_manifest(d)
+        if problem is None:
+            try:
+                return int(read_json(d / "trainer_state.json")["step"])
+            except (OSError, ValueError, KeyError, TypeError):
+                problem = f"{d / 'trainer_state.json'}: missing or unreadable"
+        problems.append(problem)
+        logging.getLogger("retain").warning("checkpoint %s is damaged and is not used: %s", d, problem)
+        shutil.rmtree(d, ignore_errors=True)
+        return None
+
+    step = step_of(path)
+    if step is None and old.is_dir():
+        step = step_of(old)
+        if step is not None:
+            os.replace(old, path)
+    shutil.rmtree(old, ignore_errors=True)
+    return step, problems
+
+
 def train(
     model: torch.nn.Module,
     objective: Objective,
@@ -257,10 +270,6 @@ def train(
 ) -> torch.nn.Module:
     """Train ``model`` on ``objective`` for ``cfg.steps`` optimizer steps; returns the (unwrapped) model."""
     return Trainer(model, objective, cfg, checkpoint_dir, log).run()
-
-
-def _ignore(record: dict[str, Any]) -> None:
-    pass
 
 
 def _mean(records: list[dict[str, float]]) -> dict[str, float]:
