@@ -26,6 +26,9 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__.split
 
 def _quiet_libraries() -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    import logging
+
+    logging.getLogger("retain").addHandler(logging.NullHandler())  # its warnings reach the user as progress events
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
@@ -238,6 +241,9 @@ class _stage_progress:
         return self.update
 
     def update(self, event: str, data: dict) -> None:
+        if event == "warning":  # a fault the run recovered from (a damaged checkpoint redone): shown even when quiet
+            self.console.print(f"retain: warning: {data['message']}", markup=False, highlight=False)
+            return
         if self.bar is None:
             return
         if event == "stage_start":
@@ -317,6 +323,9 @@ def main(argv: Optional[list[str]] = None) -> None:
     except click_errors.ClickException as err:
         print(f"retain: error: {err.format_message()}", file=sys.stderr)
         sys.exit(2)
+    except OSError as err:  # a full disk, an unwritable --out: one line; atomic writes left nothing half-written
+        print(f"retain: error: {err}", file=sys.stderr)
+        sys.exit(1)
     except typer.Abort:
         print("retain: aborted", file=sys.stderr)
         sys.exit(130)

@@ -9,15 +9,26 @@ Run directory::
     DIR/stages/k/model/       the model after stage k (HF directory, safetensors)
     DIR/stages/k/state/       the method's carried state (EWC Fisher, replay buffers)
     DIR/stages/k/stage.json   row k of the matrix, the shift, timings — written last: its presence = stage done
+    DIR/stages/k/checkpoint/  the Trainer's mid-stage checkpoint, when the method sets ``train.checkpoint_every``
+                              (removed once the stage is done)
+    DIR/events.jsonl          what went wrong and what was done about it (a corrupted stage redone, say)
     DIR/results.json          everything, once the last stage is done
 
 Every file is written atomically (temp + rename; directories built beside and renamed), so a crash at any moment
-leaves either the previous state or the next one. The runner does not know which method it runs.
+leaves either the previous state or the next one; model and state directories carry a ``manifest.json`` of their
+files' sha256. Resuming (under the directory's lock): temp leftovers of a killed process are removed; the last
+finished stage's model and state are verified against their manifests, and a stage that fails is reported (a
+warning, ``events.jsonl``) and redone from the stage before it; the training log keeps only the records of what is
+kept (finished stages, and the steps up to a mid-stage checkpoint); a stage with a checkpoint resumes from it. The
+same config, seed, machine and thread count give bit-identical results, resumed or not. The runner does not know
+which method it runs.
 """
 
 from __future__ import annotations
 
 import fcntl
+import json
+import logging
 import platform
 import shutil
 import time
@@ -29,13 +40,15 @@ import torch
 import yaml
 
 import retain
-from retain import distributed
 from retain import metrics as M
 from retain import tasks as task_registry
 from retain.config import ExperimentConfig
 from retain.errors import RetainError
 from retain.evaluate import DEFAULT_MAX_NEW_TOKENS, evaluate_task
-from retain.io import append_jsonl, atomic_write_json, atomic_write_text, read_json
+from retain.io import (
+    append_jsonl, atomic_write_json, atomic_write_text, fault_point, read_json, read_jsonl, verify_manifest,
+    write_manifest,
+)
 from retain.methods import adapters
 from retain.methods.build import frozen_copy, train_stage
 from retain.methods.stage import MethodState
@@ -43,13 +56,27 @@ from retain.metrics.shift import kl_shift, weight_l2
 from retain.rollout import make_engine
 from retain.train import seed_everything
 
-Progress = Callable[[str, dict[str, Any]], None]  # (event, data): "stage_start", "step", "eval", "stage_done"
+Progress = Callable[[str, dict[str, Any]], None]  # (event, data): "stage_start", "step", "eval", "stage_done", "warning"
+
+logger = logging.getLogger("retain")
+
+
+def warn(out: Path, say: Progress, message: str, **data: Any) -> None:
+    """Report a fault the run recovered from: a logged warning, a record in ``DIR/events.jsonl``, a progress event."""
+    logger.warning(message)
+    append_jsonl(out / "events.jsonl", {"event": "warning", "message": message, "time": round(time.time(), 3), **data})
+    say("warning", {"message": message, **data})
 
 
 @contextmanager
 def run_lock(out: Path) -> Iterator[None]:
     """One process per run directory: a second gets a clear refusal instead of corrupting the first's files."""
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):
+        raise RetainError(f"run directory {out}: a file is in the way (give a directory)") from None
+    except PermissionError:
+        raise RetainError(f"run directory {out}: permission denied") from None
     handle = open(out / ".lock", "w")
     try:
         fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -80,6 +107,7 @@ def evaluate_row(model, tokenizer, cfg: ExperimentConfig) -> dict[str, dict[str,
     engine = make_engine(cfg.engine, model, tokenizer)
     row = {}
     for column in cfg.eval_tasks():
+        fault_point("eval")
         name, _, split = column.partition("@")
         row[column] = evaluate_task(engine, name, n=cfg.eval.n, samples=cfg.eval.samples, split=split or "test", seed=cfg.seed)
     return row
@@ -103,6 +131,8 @@ def _save_model_dir(model, tokenizer, path: Path) -> None:
     shutil.rmtree(tmp, ignore_errors=True)
     adapters.merged_copy(model).save_pretrained(tmp, safe_serialization=True)
     tokenizer.save_pretrained(tmp)
+    write_manifest(tmp)
+    fault_point("model_dir")
     shutil.rmtree(path, ignore_errors=True)
     tmp.rename(path)
 
@@ -117,6 +147,8 @@ def _save_state(state: MethodState, path: Path) -> None:
     if tensors:
         save_file(tensors, str(tmp / "tensors.safetensors"))
     atomic_write_json(tmp / "replay.json", state.replay)
+    write_manifest(tmp)
+    fault_point("state_dir")
     shutil.rmtree(path, ignore_errors=True)
     tmp.rename(path)
 
@@ -126,6 +158,50 @@ def _load_state(path: Path) -> MethodState:
 
     tensors = load_file(str(path / "tensors.safetensors")) if (path / "tensors.safetensors").exists() else {}
     return MethodState.from_tensors(tensors, read_json(path / "replay.json"))
+
+
+def remove_temp_leftovers(out: Path) -> None:
+    """Delete what a killed process was writing (``*.tmp`` files and directories); call it holding the lock."""
+    for path in sorted(out.rglob("*.tmp"), key=lambda p: len(p.parts), reverse=True):
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
+
+
+def _json_or_none(path: Path) -> Any:
+    try:
+        return read_json(path)
+    except (OSError, ValueError):
+        return None
+
+
+def verified_stages(out: Path, done: int, say: Progress) -> int:
+    """The number of finished stages whose results can be built on: stage ``done``'s stage.json must parse and its
+    model and state directories must match their manifests (the next stage starts from them). A stage that fails
+    is reported and un-finished (its stage.json removed), and the one before it is checked in turn."""
+    while done > 0:
+        stage_dir = out / "stages" / str(done)
+        problem = None
+        if not isinstance(_json_or_none(stage_dir / "stage.json"), dict):
+            problem = f"{stage_dir / 'stage.json'}: unreadable"
+        else:
+            problem = verify_manifest(stage_dir / "model") or verify_manifest(stage_dir / "state")
+        if problem is None:
+            return done
+        (stage_dir / "stage.json").unlink(missing_ok=True)
+        warn(out, say, f"stage {done} is damaged ({problem}); redoing it from stage {done - 1}",
+             kind="corrupt_stage", stage=done, problem=problem)
+        done -= 1
+    return 0
+
+
+def keep_log(out: Path, keep: Callable[[dict[str, Any]], bool]) -> None:
+    """Rewrite ``DIR/steps.jsonl`` with the records ``keep`` accepts (torn lines dropped): a resumed run redoes the
+    rest, so the log holds each step once."""
+    path = out / "steps.jsonl"
+    if path.exists():
+        atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in read_jsonl(path) if keep(r)))
 
 
 def prepare_run_dir(cfg: ExperimentConfig, out: Path) -> int:
@@ -145,33 +221,46 @@ def prepare_run_dir(cfg: ExperimentConfig, out: Path) -> int:
 
 def run_experiment(cfg: ExperimentConfig, out: str | Path, progress: Progress | None = None) -> dict[str, Any]:
     """Run (or resume) ``cfg`` into ``out``; returns the results dict also written to ``out/results.json``."""
+    from retain.models.loading import load_model
+
     out = Path(out)
     say = progress or (lambda event, data: None)
     if cfg.mode == "streaming":
         from retain.streaming import run_streaming
 
-        if distributed.world_size() > 1:
-            raise RetainError("streaming mode runs in one process (launch it without accelerate launch / torchrun)")
         return run_streaming(cfg, out, say)
-    if distributed.world_size() > 1:
-        distributed.init(cfg.device)
-        if not distributed.is_main():
-            return follow_experiment(cfg, out)
-    model, tokenizer = load_configured(cfg, cfg.model)
+    model, tokenizer = load_model(cfg.model, trust_remote_code=cfg.trust_remote_code)
     with run_lock(out):
         done = prepare_run_dir(cfg, out)  # refuses a directory holding another config, finished or not
-        if (out / "results.json").exists():
+        if isinstance(_json_or_none(out / "results.json"), dict):
             return read_json(out / "results.json")
-        base = frozen_copy(model)
+        remove_temp_leftovers(out)
+        done = verified_stages(out, done, say)
         stages_dir = out / "stages"
-        need_eval0 = not (stages_dir / "0" / "eval.json").exists()
-        distributed.broadcast_object((done, need_eval0))  # the other ranks (follow_experiment) start here too
-        if need_eval0:
+        for leftover in stages_dir.glob("*/checkpoint*"):  # only the next stage's checkpoint can be built on
+            if leftover.parent.name != str(done + 1):
+                shutil.rmtree(leftover, ignore_errors=True)
+        checkpoint_dir = stages_dir / str(done + 1) / "checkpoint"
+        if done < len(cfg.stages) and cfg.stage_method(done).train.checkpoint_every:
+            from retain.train import recover_checkpoint
+
+            resume_step, problems = recover_checkpoint(checkpoint_dir)
+            resume_step = resume_step or 0
+            for problem in problems:
+                warn(out, say, f"stage {done + 1}'s checkpoint is damaged ({problem}); not used",
+                     kind="corrupt_checkpoint", stage=done + 1, problem=problem)
+        else:
+            shutil.rmtree(checkpoint_dir, ignore_errors=True)
+            resume_step = 0
+        keep_log(out, lambda r: r.get("stage", 0) <= done or (r.get("stage") == done + 1 and 0 < resume_step
+                                                              and r.get("step", resume_step + 1) <= resume_step))
+        base = frozen_copy(model)
+        if not isinstance(_json_or_none(stages_dir / "0" / "eval.json"), dict):
             say("eval", {"stage": 0})
             atomic_write_json(stages_dir / "0" / "eval.json", evaluate_row(model, tokenizer, cfg))
         state = MethodState()
         if done:
-            model, _ = load_configured(cfg, stages_dir / str(done) / "model")
+            model, _ = load_model(stages_dir / str(done) / "model")
             state = _load_state(stages_dir / str(done) / "state")
         for k in range(done, len(cfg.stages)):
             task_name = cfg.stages[k].task
@@ -179,6 +268,7 @@ def run_experiment(cfg: ExperimentConfig, out: str | Path, progress: Progress | 
             say("stage_start", {"stage": k + 1, "task": task_name, "method": method.name, "steps": method.train.steps})
             started = time.perf_counter()
             previous = frozen_copy(model)
+            stage_dir = stages_dir / str(k + 1)
 
             def log(record: dict[str, Any], k: int = k) -> None:
                 append_jsonl(out / "steps.jsonl", {"stage": k + 1, "task": cfg.stages[k].task, **record})
@@ -187,68 +277,28 @@ def run_experiment(cfg: ExperimentConfig, out: str | Path, progress: Progress | 
             seed_everything(cfg.seed * 1000 + k)
             model = train_stage(
                 model, tokenizer, task_name, method, stage_index=k, seen_tasks=cfg.stage_tasks()[:k], state=state,
-                seed=cfg.seed * 1000 + k, engine=cfg.engine, log=log, device=cfg.device,
-                mixed_precision=cfg.mixed_precision,
+                seed=cfg.seed * 1000 + k, engine=cfg.engine, log=log,
+                checkpoint_dir=stage_dir / "checkpoint" if method.train.checkpoint_every else None,
             )
             train_seconds = time.perf_counter() - started
             say("eval", {"stage": k + 1})
             row = evaluate_row(model, tokenizer, cfg)
             shift = measure_shift(base, previous, model, tokenizer, task_name, cfg, k + 1)
-            stage_dir = stages_dir / str(k + 1)
             _save_model_dir(model, tokenizer, stage_dir / "model")
             _save_state(state, stage_dir / "state")
+            fault_point("stage_done")
             atomic_write_json(stage_dir / "stage.json", {
                 "stage": k + 1, "task": task_name, "method": method.model_dump(mode="json"), "row": row,
                 "shift": shift, "train_seconds": round(train_seconds, 2),
                 "total_seconds": round(time.perf_counter() - started, 2),
             })
+            for leftover in (stage_dir / "checkpoint", stage_dir / "checkpoint.old"):
+                shutil.rmtree(leftover, ignore_errors=True)
             say("stage_done", {"stage": k + 1, "task": task_name, "row": row})
         results = collect_results(cfg, out)
+        fault_point("results")
         atomic_write_json(out / "results.json", results)
-        distributed.barrier()  # the other ranks read the finished stage files after this
         return results
-
-
-def load_configured(cfg: ExperimentConfig, spec: str | Path):
-    """(model, tokenizer) of ``spec`` as the config asks: dtype, gradient checkpointing, on this process's device."""
-    from retain.models.loading import load_model
-
-    return load_model(
-        spec, trust_remote_code=cfg.trust_remote_code, dtype=cfg.dtype, gradient_checkpointing=cfg.gradient_checkpointing,
-        device=distributed.train_device(cfg.device),
-    )
-
-
-def follow_experiment(cfg: ExperimentConfig, out: Path) -> dict[str, Any]:
-    """A rank > 0 of a multi-process run (``accelerate launch ... retain run``): it does what the main process does
-    — the same stages, seeds and evaluations, so the two stay in step and wait little in each other's collectives —
-    and writes nothing; the main process owns the run directory. It starts at the stage the main process found
-    (after the main process's checks of the directory) and returns the results the main process wrote."""
-    if (out / "results.json").exists():  # a finished run: the main process returns too
-        return read_json(out / "results.json")
-    model, tokenizer = load_configured(cfg, cfg.model)
-    base = frozen_copy(model)
-    done, need_eval0 = distributed.broadcast_object(None)
-    if need_eval0:
-        evaluate_row(model, tokenizer, cfg)
-    stages_dir = out / "stages"
-    state = MethodState()
-    if done:
-        model, _ = load_configured(cfg, stages_dir / str(done) / "model")
-        state = _load_state(stages_dir / str(done) / "state")
-    for k in range(done, len(cfg.stages)):
-        method = cfg.stage_method(k)
-        previous = frozen_copy(model)
-        seed_everything(cfg.seed * 1000 + k)
-        model = train_stage(
-            model, tokenizer, cfg.stages[k].task, method, stage_index=k, seen_tasks=cfg.stage_tasks()[:k],
-            state=state, seed=cfg.seed * 1000 + k, engine=cfg.engine, device=cfg.device,
-            mixed_precision=cfg.mixed_precision,
-        )
-        evaluate_row(model, tokenizer, cfg)
-        measure_shift(base, previous, model, tokenizer, cfg.stages[k].task, cfg, k + 1)
-    distributed.barrier()  # the main process has written every stage and results.json
-    return collect_results(cfg, out)
 
 
 def collect_results(cfg: ExperimentConfig, out: Path) -> dict[str, Any]:

@@ -51,16 +51,16 @@ import torch
 
 from retain import tasks as task_registry
 from retain.config import ExperimentConfig
-from retain.distributed import make_accelerator
 from retain.errors import RetainError
-from retain.io import append_jsonl, atomic_write_json, atomic_write_text, read_json
+from retain.io import append_jsonl, atomic_write_json, atomic_write_text, read_json, verify_manifest
 from retain.methods.build import build_objective, frozen_copy
 from retain.methods.config import EWCReg, MethodConfig
 from retain.methods.stage import MethodState, StageContext
 from retain.runner import (
-    _save_model_dir, evaluate_row, measure_shift, prepare_run_dir, results_from_rows, run_lock,
+    _json_or_none, _save_model_dir, evaluate_row, measure_shift, prepare_run_dir, remove_temp_leftovers,
+    results_from_rows, run_lock, warn,
 )
-from retain.train import Trainer, seed_everything
+from retain.train import Trainer, recover_checkpoint, seed_everything
 
 Progress = Callable[[str, dict[str, Any]], None]
 
@@ -210,7 +210,7 @@ class _Stream:
             return self.previous[1]
         from retain.models.loading import load_model
 
-        model = load_model(self.out / "stages" / str(finished) / "model", dtype=self.cfg.dtype)[0]
+        model = load_model(self.out / "stages" / str(finished) / "model")[0]
         model.to(next(self.model.parameters()).device)
         for p in model.parameters():
             p.requires_grad_(False)
@@ -268,20 +268,22 @@ class _Stream:
 
 def run_streaming(cfg: ExperimentConfig, out: str | Path, say: Progress | None = None) -> dict[str, Any]:
     """Run (or resume) ``cfg`` as one stream into ``out``; returns the results also written to ``out/results.json``."""
-    from retain.runner import load_configured
+    from retain.models.loading import load_model
 
     methods = validate_streaming(cfg)  # before anything exists on disk
     out = Path(out)
     say = say or (lambda event, data: None)
-    model, tokenizer = load_configured(cfg, cfg.model)  # dtype, gradient checkpointing, device
+    model, tokenizer = load_model(cfg.model, trust_remote_code=cfg.trust_remote_code)
     with run_lock(out):
-        if (out / "results.json").exists():
-            return read_json(out / "results.json")
         prepare_run_dir(cfg, out)
+        if isinstance(_json_or_none(out / "results.json"), dict):
+            return read_json(out / "results.json")
+        remove_temp_leftovers(out)
         base = frozen_copy(model)  # the reference of every stage, and the shift's π0
         stream = _Stream(cfg, out, say, model, tokenizer, base)
         checkpoint = out / "stream" / "checkpoint"
-        if not _point_file(out, 0).exists():
+        _check_resume_point(cfg, out, checkpoint, say)
+        if not isinstance(_json_or_none(_point_file(out, 0)), dict):
             stream.evaluate_point(0, model)
 
         seed = cfg.seed * 1000
@@ -301,10 +303,10 @@ def run_streaming(cfg: ExperimentConfig, out: str | Path, say: Progress | None =
         train_cfg = methods[0].train.model_copy(
             update={"steps": ends[-1], "seed": seed, "checkpoint_every": cfg.streaming.eval_every}
         )
-        trainer = Trainer(model, objective, train_cfg, checkpoint_dir=checkpoint, log=stream.log,
-                          on_step=stream.on_step, accelerator=make_accelerator(cfg.device, cfg.mixed_precision))
+        trainer = Trainer(model, objective, train_cfg, checkpoint_dir=checkpoint,
+                          log=stream.log, on_step=stream.on_step)
+        _truncate_log(out / "steps.jsonl", trainer.step)  # steps after the checkpoint are redone (all of them at 0)
         if trainer.step > 0:  # resumed: the checkpoint's own point may not have been written before the kill
-            _truncate_log(out / "steps.jsonl", trainer.step)
             done = [p for p in sorted(stream.points) if p <= trainer.step and _point_file(out, p).exists()]
             if done:
                 stream.train_seconds = read_json(_point_file(out, done[-1])).get("train_seconds", 0.0)
@@ -318,6 +320,37 @@ def run_streaming(cfg: ExperimentConfig, out: str | Path, say: Progress | None =
         atomic_write_json(out / "results.json", results)
         shutil.rmtree(checkpoint, ignore_errors=True)
         return results
+
+
+def _check_resume_point(cfg: ExperimentConfig, out: Path, checkpoint: Path, say: Progress) -> None:
+    """Make the checkpoint a resume can trust, or none. A damaged checkpoint is dropped (the older one, if intact,
+    is taken). What the resume builds on must be intact: every evaluation point before the checkpoint's step, and
+    the model of every stage that ended there (a boundary's model is written before its point). If one is not, the
+    checkpoint is dropped and the stream redone from its start; the checkpoint's own point, which the resume
+    rewrites when it is missing, is removed when damaged. Each problem is reported."""
+    step, problems = recover_checkpoint(checkpoint)
+    for problem in problems:
+        warn(out, say, f"the stream's checkpoint is damaged ({problem}); not used", kind="corrupt_checkpoint",
+             problem=problem)
+    if not step:
+        return
+    ends = stage_ends(cfg)
+    for p in eval_points(cfg):
+        if p > step or (p == step and not _point_file(out, p).exists()):
+            continue
+        problem = None if isinstance(_json_or_none(_point_file(out, p)), dict) else f"{_point_file(out, p)}: unreadable"
+        for k, end in enumerate(ends):
+            if end == p and problem is None:
+                problem = verify_manifest(out / "stages" / str(k + 1) / "model")
+        if problem is None:
+            continue
+        if p == step:
+            warn(out, say, f"{problem}; evaluation point {p} is redone", kind="corrupt_point", problem=problem)
+            _point_file(out, p).unlink(missing_ok=True)
+        else:
+            warn(out, say, f"{problem}; the stream is redone from its start", kind="corrupt_stream", problem=problem)
+            shutil.rmtree(checkpoint, ignore_errors=True)
+            return
 
 
 def collect_stream_results(cfg: ExperimentConfig, out: Path) -> dict[str, Any]:
