@@ -40,6 +40,7 @@ import torch
 import yaml
 
 import retain
+from retain import distributed
 from retain import metrics as M
 from retain import tasks as task_registry
 from retain.config import ExperimentConfig
@@ -221,15 +222,19 @@ def prepare_run_dir(cfg: ExperimentConfig, out: Path) -> int:
 
 def run_experiment(cfg: ExperimentConfig, out: str | Path, progress: Progress | None = None) -> dict[str, Any]:
     """Run (or resume) ``cfg`` into ``out``; returns the results dict also written to ``out/results.json``."""
-    from retain.models.loading import load_model
-
     out = Path(out)
     say = progress or (lambda event, data: None)
     if cfg.mode == "streaming":
         from retain.streaming import run_streaming
 
+        if distributed.world_size() > 1:
+            raise RetainError("streaming mode runs in one process (launch it without accelerate launch / torchrun)")
         return run_streaming(cfg, out, say)
-    model, tokenizer = load_model(cfg.model, trust_remote_code=cfg.trust_remote_code)
+    if distributed.world_size() > 1:
+        distributed.init(cfg.device)
+        if not distributed.is_main():
+            return follow_experiment(cfg, out)
+    model, tokenizer = load_configured(cfg, cfg.model)
     with run_lock(out):
         done = prepare_run_dir(cfg, out)  # refuses a directory holding another config, finished or not
         if isinstance(_json_or_none(out / "results.json"), dict):
@@ -255,12 +260,14 @@ def run_experiment(cfg: ExperimentConfig, out: str | Path, progress: Progress | 
         keep_log(out, lambda r: r.get("stage", 0) <= done or (r.get("stage") == done + 1 and 0 < resume_step
                                                               and r.get("step", resume_step + 1) <= resume_step))
         base = frozen_copy(model)
-        if not isinstance(_json_or_none(stages_dir / "0" / "eval.json"), dict):
+        need_eval0 = not isinstance(_json_or_none(stages_dir / "0" / "eval.json"), dict)
+        distributed.broadcast_object((done, need_eval0))  # the other ranks (follow_experiment) start here too
+        if need_eval0:
             say("eval", {"stage": 0})
             atomic_write_json(stages_dir / "0" / "eval.json", evaluate_row(model, tokenizer, cfg))
         state = MethodState()
         if done:
-            model, _ = load_model(stages_dir / str(done) / "model")
+            model, _ = load_configured(cfg, stages_dir / str(done) / "model")
             state = _load_state(stages_dir / str(done) / "state")
         for k in range(done, len(cfg.stages)):
             task_name = cfg.stages[k].task
@@ -277,7 +284,8 @@ def run_experiment(cfg: ExperimentConfig, out: str | Path, progress: Progress | 
             seed_everything(cfg.seed * 1000 + k)
             model = train_stage(
                 model, tokenizer, task_name, method, stage_index=k, seen_tasks=cfg.stage_tasks()[:k], state=state,
-                seed=cfg.seed * 1000 + k, engine=cfg.engine, log=log,
+                seed=cfg.seed * 1000 + k, engine=cfg.engine, log=log, device=cfg.device,
+                mixed_precision=cfg.mixed_precision,
                 checkpoint_dir=stage_dir / "checkpoint" if method.train.checkpoint_every else None,
             )
             train_seconds = time.perf_counter() - started
@@ -298,7 +306,50 @@ def run_experiment(cfg: ExperimentConfig, out: str | Path, progress: Progress | 
         results = collect_results(cfg, out)
         fault_point("results")
         atomic_write_json(out / "results.json", results)
+        distributed.barrier()  # the other ranks read the finished stage files after this
         return results
+
+
+def load_configured(cfg: ExperimentConfig, spec: str | Path):
+    """(model, tokenizer) of ``spec`` as the config asks: dtype, gradient checkpointing, on this process's device."""
+    from retain.models.loading import load_model
+
+    return load_model(
+        spec, trust_remote_code=cfg.trust_remote_code, dtype=cfg.dtype, gradient_checkpointing=cfg.gradient_checkpointing,
+        device=distributed.train_device(cfg.device),
+    )
+
+
+def follow_experiment(cfg: ExperimentConfig, out: Path) -> dict[str, Any]:
+    """A rank > 0 of a multi-process run (``accelerate launch ... retain run``): it does what the main process does
+    — the same stages, seeds and evaluations, so the two stay in step and wait little in each other's collectives —
+    and writes nothing; the main process owns the run directory. It starts at the stage the main process found
+    (after the main process's checks of the directory) and returns the results the main process wrote."""
+    if (out / "results.json").exists():  # a finished run: the main process returns too
+        return read_json(out / "results.json")
+    model, tokenizer = load_configured(cfg, cfg.model)
+    base = frozen_copy(model)
+    done, need_eval0 = distributed.broadcast_object(None)
+    if need_eval0:
+        evaluate_row(model, tokenizer, cfg)
+    stages_dir = out / "stages"
+    state = MethodState()
+    if done:
+        model, _ = load_configured(cfg, stages_dir / str(done) / "model")
+        state = _load_state(stages_dir / str(done) / "state")
+    for k in range(done, len(cfg.stages)):
+        method = cfg.stage_method(k)
+        previous = frozen_copy(model)
+        seed_everything(cfg.seed * 1000 + k)
+        model = train_stage(
+            model, tokenizer, cfg.stages[k].task, method, stage_index=k, seen_tasks=cfg.stage_tasks()[:k],
+            state=state, seed=cfg.seed * 1000 + k, engine=cfg.engine, device=cfg.device,
+            mixed_precision=cfg.mixed_precision,
+        )
+        evaluate_row(model, tokenizer, cfg)
+        measure_shift(base, previous, model, tokenizer, cfg.stages[k].task, cfg, k + 1)
+    distributed.barrier()  # the main process has written every stage and results.json
+    return collect_results(cfg, out)
 
 
 def collect_results(cfg: ExperimentConfig, out: Path) -> dict[str, Any]:

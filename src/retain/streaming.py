@@ -51,6 +51,7 @@ import torch
 
 from retain import tasks as task_registry
 from retain.config import ExperimentConfig
+from retain.distributed import make_accelerator
 from retain.errors import RetainError
 from retain.io import append_jsonl, atomic_write_json, atomic_write_text, read_json, verify_manifest
 from retain.methods.build import build_objective, frozen_copy
@@ -210,7 +211,7 @@ class _Stream:
             return self.previous[1]
         from retain.models.loading import load_model
 
-        model = load_model(self.out / "stages" / str(finished) / "model")[0]
+        model = load_model(self.out / "stages" / str(finished) / "model", dtype=self.cfg.dtype)[0]
         model.to(next(self.model.parameters()).device)
         for p in model.parameters():
             p.requires_grad_(False)
@@ -268,12 +269,12 @@ class _Stream:
 
 def run_streaming(cfg: ExperimentConfig, out: str | Path, say: Progress | None = None) -> dict[str, Any]:
     """Run (or resume) ``cfg`` as one stream into ``out``; returns the results also written to ``out/results.json``."""
-    from retain.models.loading import load_model
+    from retain.runner import load_configured
 
     methods = validate_streaming(cfg)  # before anything exists on disk
     out = Path(out)
     say = say or (lambda event, data: None)
-    model, tokenizer = load_model(cfg.model, trust_remote_code=cfg.trust_remote_code)
+    model, tokenizer = load_configured(cfg, cfg.model)  # dtype, gradient checkpointing, device
     with run_lock(out):
         prepare_run_dir(cfg, out)
         if isinstance(_json_or_none(out / "results.json"), dict):
@@ -303,8 +304,8 @@ def run_streaming(cfg: ExperimentConfig, out: str | Path, say: Progress | None =
         train_cfg = methods[0].train.model_copy(
             update={"steps": ends[-1], "seed": seed, "checkpoint_every": cfg.streaming.eval_every}
         )
-        trainer = Trainer(model, objective, train_cfg, checkpoint_dir=checkpoint,
-                          log=stream.log, on_step=stream.on_step)
+        trainer = Trainer(model, objective, train_cfg, checkpoint_dir=checkpoint, log=stream.log,
+                          on_step=stream.on_step, accelerator=make_accelerator(cfg.device, cfg.mixed_precision))
         _truncate_log(out / "steps.jsonl", trainer.step)  # steps after the checkpoint are redone (all of them at 0)
         if trainer.step > 0:  # resumed: the checkpoint's own point may not have been written before the kill
             done = [p for p in sorted(stream.points) if p <= trainer.step and _point_file(out, p).exists()]

@@ -104,13 +104,17 @@ class Trainer:
         seed_everything(cfg.seed)
         self.cfg = cfg
         self.objective = objective
-        self.log = log or (lambda record: None)
         self.on_step = on_step  # called after every optimizer step (and its checkpoint) with (step, model)
         self.checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir else None
         self.accelerator = accelerator or Accelerator(cpu=not torch.cuda.is_available())
+        self.world = self.accelerator.num_processes  # > 1 under accelerate launch / torchrun: DDP (see _one_step)
+        main = self.accelerator.is_main_process
+        self.log = (log or _ignore) if main else _ignore  # only the main process writes logs and checkpoints
         optimizer = make_optimizer(model, cfg)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
-        self.model, self.optimizer, self.scheduler = self.accelerator.prepare(model, optimizer, scheduler)
+        # The schedule steps once per optimizer step, not accelerate's once per process per step (its scheduler
+        # wrapper assumes per-process batches): it stays unprepared.
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
+        self.model, self.optimizer = self.accelerator.prepare(model, optimizer)
         self.step = 0
         self.skipped = 0
         if self.checkpoint_dir and self.accelerator.is_main_process:  # the newest intact checkpoint, or none
@@ -153,7 +157,8 @@ class Trainer:
         return self.unwrapped
 
     def _one_step(self) -> tuple[dict[str, float], bool]:
-        micros = self.objective.batches(self.step)
+        micros = self._my_share(self.objective.batches(self.step))
+        world = self.world
         self.optimizer.zero_grad(set_to_none=True)
         metrics: list[dict[str, float]] = []
         finite = True
@@ -164,11 +169,22 @@ class Trainer:
                 if not torch.isfinite(loss).item():
                     finite = False
                     metrics.append({"loss": float("nan")})
-                    break
-                self.accelerator.backward(loss)
+                    if world == 1:
+                        break
+                    self.accelerator.backward(loss * world)  # the other ranks wait in this step's all-reduce
+                    continue
+                # DDP averages gradients over ranks; × world turns that average into the sum over every rank's
+                # micro-batches, each normalised by the whole step's denominator: the 1-process gradient.
+                self.accelerator.backward(loss * world if world > 1 else loss)
             metrics.append({"loss": float(loss.detach()), **m})
-        record = _mean(metrics)
+        record = _mean(metrics)  # other metrics: this rank's micro-batches (the main process's are logged)
         record["loss"] = sum(m["loss"] for m in metrics)
+        if world > 1:  # the step's loss over every rank; a non-finite loss anywhere skips the step everywhere
+            totals = self.accelerator.reduce(
+                torch.tensor([record["loss"], float(not finite)], dtype=torch.float64, device=self.accelerator.device),
+                "sum",
+            )
+            record["loss"], finite = float(totals[0]), bool(totals[1] == 0)
         if finite:
             if self.cfg.max_grad_norm is not None:
                 norm = self.accelerator.clip_grad_norm_(self.model.parameters(), self.cfg.max_grad_norm)
@@ -182,6 +198,21 @@ class Trainer:
             self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         return record, finite
+
+    def _my_share(self, micros: list[Any]) -> list[Any]:
+        """This rank's contiguous share of the step's micro-batches (all of them in one process)."""
+        if self.world == 1:
+            return micros
+        if len(micros) < self.world:
+            from retain.errors import RetainError
+
+            raise RetainError(
+                f"an optimizer step has {len(micros)} micro-batch(es) for {self.world} processes: set "
+                f"micro_batch_size to at most the batch size / {self.world} so every process has one"
+            )
+        from retain.distributed import shard
+
+        return shard(micros, self.accelerator.process_index, self.world)
 
     # --- checkpoints: model (safetensors), optimizer + schedule tensors, loop state, RNG; atomic by rename ---
     def save_checkpoint(self, path: str | Path) -> None:
@@ -208,7 +239,6 @@ class Trainer:
             os.replace(path, old)
         fault_point("checkpoint_swap")  # a kill here leaves only PATH.old: recover_checkpoint takes it
         os.replace(tmp, path)
-
         shutil.rmtree(old, ignore_errors=True)
 
     def load_checkpoint(self, path: str | Path) -> None:
@@ -270,6 +300,10 @@ def train(
 ) -> torch.nn.Module:
     """Train ``model`` on ``objective`` for ``cfg.steps`` optimizer steps; returns the (unwrapped) model."""
     return Trainer(model, objective, cfg, checkpoint_dir, log).run()
+
+
+def _ignore(record: dict[str, Any]) -> None:
+    pass
 
 
 def _mean(records: list[dict[str, float]]) -> dict[str, float]:
