@@ -135,3 +135,21 @@ def test_retain_run_two_processes_writes_once(two_processes):
     assert [r["step"] for r in records] == [1, 2, 3]  # written by the main process only
     assert [r["loss"] for r in records] == pytest.approx(ref["sft_losses"], abs=TOL)
     assert ranks[0]["run_matrix"] == ranks[1]["run_matrix"] == json.loads((run / "results.json").read_text())["matrix"]
+
+
+def test_shard_is_contiguous_and_covers_everything():
+    from retain.distributed import shard
+
+    for n in range(0, 11):
+        for parts in (1, 2, 3, 4):
+            pieces = [shard(list(range(n)), i, parts) for i in range(parts)]
+            assert sum(pieces, []) == list(range(n))
+            assert max(map(len, pieces)) - min(map(len, pieces)) <= 1
+
+
+def test_rollout_concat_renumbers_groups():
+    a = Rollout(["p", "p"], [[1], [1]], [[2], [3]], ["x", "y"], [0, 0], [False, True])
+    b = Rollout(["q", "r"], [[4], [5]], [[6], [7]], ["z", "w"], [0, 1], [True, False])
+    joined = Rollout.concat([a, b])
+    assert joined.prompts == ["p", "p", "q", "r"] and joined.group == [0, 0, 1, 2]
+    assert joined.completion_ids == [[2], [3], [6], [7]] and joined.truncated == [False, True, True, False]

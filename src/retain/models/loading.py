@@ -101,8 +101,12 @@ def load_model(
         )
     except (OSError, ValueError) as err:
         raise RetainError(f"cannot load model {spec!r}: {_first_line(err)}") from None
-    if gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if gradient_checkpointing:  # transformers >= 5.x names it activation checkpointing; older 5.x gradient
+        enable = getattr(model, "activation_checkpointing_enable", None)
+        if enable is not None:
+            enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if device is not None:
         model.to(device)
     model.eval()
