@@ -86,7 +86,10 @@ class Task(ABC):
 
 
 def clip_completion(completion: str) -> str:
-    """The part of a completion a parser may look at: bounded length, first line, surrounding space stripped."""
+    """The part of a completion a parser may look at: bounded length, first line, surrounding space stripped.
+    Anything but a string (a caller's mistake, never a model's text) clips to the empty string."""
+    if not isinstance(completion, str):
+        return ""
     text = completion[:MAX_COMPLETION_CHARS]
     return text.split("\n", 1)[0].strip()
 

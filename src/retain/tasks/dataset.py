@@ -19,7 +19,10 @@ Verifiers look only at ``clip_completion(completion)`` (the completion's first l
   decimal with an optional sign, fraction and exponent; ``1,234`` (thousands commas) reads as 1234. Every answer
   must hold a number, checked when the file loads;
 - ``regex``: extract with ``pattern`` (default: the last number, as ``numeric`` finds it) — the last match, its
-  first group when the pattern has one — then compare as ``exact``. No match scores 0.
+  first group when the pattern has one — then compare as ``exact``. No match scores 0. The pattern is the user's
+  and the text the model's, so matching runs under the ``regex`` module's timeout (``REGEX_TIMEOUT`` seconds per
+  completion): a pattern that backtracks catastrophically on some output (``(a|aa)+$``) scores that output 0
+  instead of hanging the run.
 
 A prompt that appears in several rows accepts any of their answers. ``reward(prompt, completion)`` without an
 answer looks the prompt up; a prompt the file does not hold scores 0.0. Bad input raises one RetainError that names
@@ -35,11 +38,14 @@ import re
 from pathlib import Path
 from typing import Any
 
+import regex
+
 from retain.errors import RetainError
 from retain.tasks.base import CORRECT, Example, Task, clip_completion
 
 VERIFIERS = ("exact", "numeric", "regex")
 NUMERIC_TOLERANCE = 1e-6
+REGEX_TIMEOUT = 0.05  # seconds one completion may spend in a user pattern
 # Sign only when not glued to a preceding digit ("3-4" holds 3 and 4); thousands commas before the plain form.
 _NUMBER = r"(?<![\d.])[-+]?(?:\d{1,3}(?:,\d{3})+(?!\d)(?:\.\d*)?|\d+(?:\.\d*)?|\.\d+)(?:[eE][-+]?\d+)?"
 NUMBER_RE = re.compile(_NUMBER)
@@ -137,7 +143,8 @@ class DatasetTask(Task):
         return rows if n is None else rows[:n]
 
     def reward(self, prompt: str, completion: str, answer: str | None = None) -> float:
-        answers = [str(answer)] if answer is not None else self._answers.get(prompt, [])
+        answers = [str(answer)] if answer is not None else self._answers.get(prompt, []) if isinstance(prompt, str) \
+            else []
         said = clip_completion(completion)
         return CORRECT if any(self._verify(said, a) for a in answers) else 0.0
 
@@ -149,7 +156,10 @@ class DatasetTask(Task):
             return got is not None and want is not None and math.isclose(
                 got, want, rel_tol=NUMERIC_TOLERANCE, abs_tol=NUMERIC_TOLERANCE
             )
-        found = self._pattern.findall(said) if self._pattern else []
+        try:
+            found = self._pattern.findall(said, timeout=REGEX_TIMEOUT) if self._pattern else []
+        except TimeoutError:
+            return False
         return bool(found) and _text_of(found[-1]).strip().casefold() == answer.strip().casefold()
 
 
@@ -164,16 +174,14 @@ def _check_verifier(verifier: str, source: str) -> str:
     return verifier
 
 
-def _compile_pattern(verifier: str, pattern: str | None, source: str) -> re.Pattern[str] | None:
+def _compile_pattern(verifier: str, pattern: str | None, source: str) -> regex.Pattern | None:
     if verifier != "regex":
         if pattern is not None:
             raise RetainError(f"{source}: pattern {pattern!r} is only used by the 'regex' verifier, not {verifier!r}")
         return None
-    if pattern is None:
-        return NUMBER_RE
     try:
-        return re.compile(pattern)
-    except re.error as err:
+        return regex.compile(_NUMBER if pattern is None else pattern)
+    except (regex.error, TypeError) as err:
         raise RetainError(f"{source}: bad regex pattern {pattern!r}: {err}") from None
 
 

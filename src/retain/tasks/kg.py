@@ -63,6 +63,8 @@ def question(person: str, path: tuple[str, ...]) -> str:
 
 def parse_question(world: World, prompt: str) -> tuple[str, tuple[str, ...]] | None:
     """``(person, path)`` of a question about ``world``, or None when the prompt is not a valid one."""
+    if not isinstance(prompt, str):
+        return None
     found = _QUESTION.findall(prompt[-MAX_PROMPT_CHARS:])
     if not found:
         return None

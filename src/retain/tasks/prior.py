@@ -20,7 +20,7 @@ LETTERS = "abcdefghijklmnopqrstuvwxyz"
 
 
 def _exact(completion: str, answer: str | None) -> float:
-    return CORRECT if answer is not None and clip_completion(completion) == answer else 0.0
+    return CORRECT if isinstance(answer, str) and clip_completion(completion) == answer else 0.0
 
 
 def _in_test_half(text: str, test_share: float) -> bool:
@@ -54,7 +54,7 @@ class ReverseTask(Task):
 
     def reward(self, prompt: str, completion: str, answer: str | None = None) -> float:
         if answer is None:
-            match = self._prompt.match(prompt.strip())
+            match = self._prompt.match(prompt.strip()) if isinstance(prompt, str) else None
             answer = match.group(1)[::-1] if match else None
         return _exact(completion, answer)
 
@@ -82,6 +82,6 @@ class ArithTask(Task):
 
     def reward(self, prompt: str, completion: str, answer: str | None = None) -> float:
         if answer is None:
-            match = self._prompt.match(prompt.strip())
+            match = self._prompt.match(prompt.strip()) if isinstance(prompt, str) else None
             answer = str(self.solve(int(match[1]), match[2], int(match[3]))) if match else None
         return _exact(completion, answer)
