@@ -104,10 +104,14 @@ def run(
     from retain.config import load_experiment
     from retain.runner import run_experiment
 
+    from retain.distributed import is_main
+
     cfg = load_experiment(config)  # every config error surfaces here, before OUT exists
-    with _stage_progress(quiet) as progress:
+    main = is_main()  # under accelerate launch / torchrun only the main process shows progress and results
+    with _stage_progress(quiet or not main) as progress:
         results = run_experiment(cfg, out, progress)
-    _print_results(results)
+    if main:
+        _print_results(results)
 
 
 @app.command()
