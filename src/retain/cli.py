@@ -102,9 +102,8 @@ def run(
 ) -> None:
     """Run a continual experiment: stages, evaluation after each, metrics and shift in OUT/results.json."""
     from retain.config import load_experiment
-    from retain.runner import run_experiment
-
     from retain.distributed import is_main
+    from retain.runner import run_experiment
 
     cfg = load_experiment(config)  # every config error surfaces here, before OUT exists
     main = is_main()  # under accelerate launch / torchrun only the main process shows progress and results
