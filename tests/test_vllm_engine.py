@@ -212,3 +212,19 @@ def test_grpo_trains_through_the_vllm_engine(fake_vllm, base):
     (llm,) = LLM.instances
     assert len(llm.requests) == 2 and all(len(r[0]) == 6 for r in llm.requests)
     assert len(llm.pushes) >= 2  # the policy's weights went in before each rollout
+
+
+def test_a_dead_models_weights_are_never_taken_for_a_new_ones(fake_vllm, tokenizer):
+    import gc
+
+    from retain.models.loading import load_model
+
+    model, tok = load_model("base")
+    make_engine("vllm", model, tok).generate(["reverse abc"], max_new_tokens=2)
+    held = vllm_engine._SLOT["loaded"][0]
+    assert held() is model
+    del model
+    gc.collect()
+    assert held() is None  # held weakly: a new model at the dead one's address cannot match it
+    fresh, _ = load_model("base")
+    assert not vllm_engine._holds(fresh)

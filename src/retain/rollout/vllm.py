@@ -27,6 +27,7 @@ from __future__ import annotations
 import gc
 import os
 import socket
+import weakref
 from typing import Any, Iterator, Sequence
 
 import torch
@@ -39,7 +40,7 @@ from retain.rollout.base import Rollout, RolloutEngine
 INSTALL = "pip install 'retain[vllm]'"
 SEED_STRIDE = 1_000_003
 
-# The process's one vLLM engine: its architecture key, and whose weights it holds (model id, version counters).
+# The process's one vLLM engine: its architecture key, and whose weights it holds (weak ref, version counters).
 _SLOT: dict[str, Any] = {"key": None, "llm": None, "loaded": None}
 
 
@@ -94,9 +95,16 @@ def _base_model(model: torch.nn.Module) -> torch.nn.Module:
     return model.get_base_model() if is_adapted(model) else model
 
 
-def _signature(model: torch.nn.Module) -> tuple:
-    """Which weights ``model`` holds now: its identity and its parameters' in-place version counters."""
-    return (id(model), tuple(p._version for p in model.parameters()))
+def _versions(model: torch.nn.Module) -> tuple[int, ...]:
+    """The parameters' in-place version counters: every optimizer step (any in-place write) bumps them."""
+    return tuple(p._version for p in model.parameters())
+
+
+def _holds(model: torch.nn.Module) -> bool:
+    """Whether the process's vLLM engine holds ``model``'s current weights. The model is held by weak reference,
+    so a new model that happens to reuse a dead one's address is never taken for it."""
+    loaded = _SLOT["loaded"]
+    return loaded is not None and loaded[0]() is model and loaded[1] == _versions(model)
 
 
 def _free_port() -> int:
@@ -183,7 +191,7 @@ class VLLMEngine(RolloutEngine):
                 materialised = list(weights)
                 self.llm.apply_model(lambda m: m.load_weights(materialised))
         self.llm.reset_prefix_cache()
-        _SLOT["loaded"] = _signature(model)
+        _SLOT["loaded"] = (weakref.ref(model), _versions(model))
 
     def _encode(self, prompt: str) -> list[int]:
         ids = self._prompt_cache.get(prompt)
@@ -217,7 +225,7 @@ class VLLMEngine(RolloutEngine):
     ) -> Rollout:
         if _SLOT["llm"] is not self.llm:  # another architecture took the process's engine meanwhile
             self.llm = _shared_llm(self.vllm, self.model)
-        if _SLOT["loaded"] != _signature(self.model):
+        if not _holds(self.model):
             self.sync_weights(self.model)
         flat = [p for p in prompts for _ in range(n)]
         group = [i for i in range(len(prompts)) for _ in range(n)]
