@@ -325,7 +325,7 @@ def follow_experiment(cfg: ExperimentConfig, out: Path) -> dict[str, Any]:
     — the same stages, seeds and evaluations, so the two stay in step and wait little in each other's collectives —
     and writes nothing; the main process owns the run directory. It starts at the stage the main process found
     (after the main process's checks of the directory) and returns the results the main process wrote."""
-    if (out / "results.json").exists():  # a finished run: the main process returns too
+    if isinstance(_json_or_none(out / "results.json"), dict):  # a finished run: the main process returns too
         return read_json(out / "results.json")
     model, tokenizer = load_configured(cfg, cfg.model)
     base = frozen_copy(model)
@@ -345,6 +345,7 @@ def follow_experiment(cfg: ExperimentConfig, out: Path) -> dict[str, Any]:
             model, tokenizer, cfg.stages[k].task, method, stage_index=k, seen_tasks=cfg.stage_tasks()[:k],
             state=state, seed=cfg.seed * 1000 + k, engine=cfg.engine, device=cfg.device,
             mixed_precision=cfg.mixed_precision,
+            checkpoint_dir=stages_dir / str(k + 1) / "checkpoint" if method.train.checkpoint_every else None,
         )
         evaluate_row(model, tokenizer, cfg)
         measure_shift(base, previous, model, tokenizer, cfg.stages[k].task, cfg, k + 1)
