@@ -16,14 +16,14 @@ from typing import Sequence
 
 import torch
 
-from retain.data import IGNORE, TokenBatch, collate, encode_answer, encode_prompt
+from retain.data import IGNORE, TokenBatch, collate, encode_answer, encode_prompt, model_inputs
 from retain.losses import distill_kl, sft_loss
 from retain.methods.stage import MethodState
 
 
 def _ref_logits(reference: torch.nn.Module, batch: TokenBatch, device) -> torch.Tensor:
     with torch.no_grad():
-        return reference(input_ids=batch.input_ids.to(device), attention_mask=batch.attention_mask.to(device)).logits[:, :-1]
+        return reference(**model_inputs(batch, device)).logits[:, :-1]
 
 
 class KLToReference:
@@ -96,7 +96,7 @@ def update_fisher(
     for prompt, answer in used:
         batch = collate([(encode_prompt(tokenizer, prompt), encode_answer(tokenizer, answer))], tokenizer.pad_token_id)
         model.zero_grad(set_to_none=True)
-        logits = model(input_ids=batch.input_ids.to(device), attention_mask=batch.attention_mask.to(device)).logits
+        logits = model(**model_inputs(batch, device)).logits
         targets = batch.labels[:, 1:].to(device)
         mask = targets != IGNORE
         nll = sft_loss(logits[:, :-1], mask, targets=targets, num_items=1)  # summed log-likelihood of the answer

@@ -13,7 +13,7 @@ from typing import Callable, Protocol, Sequence
 
 import torch
 
-from retain.data import IGNORE, TokenBatch, collate
+from retain.data import IGNORE, TokenBatch, collate, model_inputs
 from retain.distributed import world_size
 from retain.losses import confident_conflict_mask, eaft_weights, sft_loss
 
@@ -82,7 +82,7 @@ class SFTObjective:
 
     def loss(self, model: torch.nn.Module, batch: TokenBatch) -> tuple[torch.Tensor, dict[str, float]]:
         device = next(model.parameters()).device
-        logits = model(input_ids=batch.input_ids.to(device), attention_mask=batch.attention_mask.to(device)).logits
+        logits = model(**model_inputs(batch, device)).logits
         logits, targets = logits[:, :-1], batch.labels[:, 1:].to(device)
         mask = targets != IGNORE
         weights, kept = self.weighting(logits, targets, mask)
