@@ -244,13 +244,15 @@ class _stage_progress:
         return self.update
 
     def update(self, event: str, data: dict) -> None:
+        from rich.markup import escape
+
         if event == "warning":  # a fault the run recovered from (a damaged checkpoint redone): shown even when quiet
             self.console.print(f"retain: warning: {data['message']}", markup=False, highlight=False)
             return
         if self.bar is None:
             return
         if event == "stage_start":
-            self.job = self.bar.add_task(f"stage {data['stage']} {data['task']} ({data['method']})",
+            self.job = self.bar.add_task(escape(f"stage {data['stage']} {data['task']} ({data['method']})"),
                                          total=data["steps"], info="")
         elif event == "step" and self.job is not None and "step" in data:
             info = " ".join(f"{k} {data[k]:.3f}" for k in ("loss", "reward") if isinstance(data.get(k), float))
@@ -265,14 +267,15 @@ class _stage_progress:
 
 def _print_results(results: dict) -> None:
     from rich.console import Console
+    from rich.markup import escape  # names and task paths are the user's text, not rich markup ("[/x]" would raise)
     from rich.table import Table
 
-    table = Table(title=f"accuracy matrix — {results['config']['name']} (rows: after stage k; 0 = base)")
+    table = Table(title=escape(f"accuracy matrix — {results['config']['name']} (rows: after stage k; 0 = base)"))
     table.add_column("stage")
     for column in results["eval_tasks"]:
-        table.add_column(column, justify="right")
+        table.add_column(escape(column), justify="right")
     for k, row in enumerate(results["matrix"]):
-        table.add_row(str(k) if k == 0 else f"{k} {results['tasks'][k - 1]}", *[f"{v:.3f}" for v in row])
+        table.add_row(str(k) if k == 0 else escape(f"{k} {results['tasks'][k - 1]}"), *[f"{v:.3f}" for v in row])
     console = Console()
     console.print(table)
     m = results["metrics"]
@@ -297,13 +300,14 @@ def _validated(model_cls, **values):
 
 def _print_scores(scores: dict, title: str = "evaluation") -> None:
     from rich.console import Console
+    from rich.markup import escape
     from rich.table import Table
 
     table = Table(title=title)
     for col in ("task", "split", "n", "greedy acc", "pass@k", "k"):
         table.add_column(col, justify="right" if col != "task" else "left")
     for name, s in scores.items():
-        table.add_row(name, s.get("split", ""), str(s["n"]), f"{s['accuracy']:.3f}",
+        table.add_row(escape(name), escape(s.get("split", "")), str(s["n"]), f"{s['accuracy']:.3f}",
                       f"{s['pass_at_k']:.3f}" if "pass_at_k" in s else "-", str(s.get("k", "-")))
     Console().print(table)
 
@@ -325,6 +329,11 @@ def main(argv: Optional[list[str]] = None) -> None:
         sys.exit(2)
     except click_errors.ClickException as err:
         print(f"retain: error: {err.format_message()}", file=sys.stderr)
+        sys.exit(2)
+    except RuntimeError as err:
+        if type(err).__name__ != "NonFiniteLoss":  # training diverged: the config's fault (the lr), said in one line
+            raise
+        print(f"retain: error: {err} (lower the learning rate?)", file=sys.stderr)
         sys.exit(2)
     except OSError as err:  # a full disk, an unwritable --out: one line; atomic writes left nothing half-written
         print(f"retain: error: {err}", file=sys.stderr)

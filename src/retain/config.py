@@ -36,6 +36,10 @@ from retain.errors import RetainError
 from retain.methods.config import MethodConfig, method_config, user_path
 
 
+MAX_SAMPLES = 4096  # samples per prompt: beyond this a typo, not an experiment (each one is generated and kept)
+MAX_SEED = 2**32 - 1  # seeds derived from it (seed·1000 + stage, then ·1_000_003 + step) stay within int64
+
+
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -58,12 +62,12 @@ class StageConfig(_Strict):
 class EvalConfig(_Strict):
     tasks: list[str] = Field(default_factory=lambda: ["auto"])
     n: int = Field(128, ge=1, description="prompts per evaluation task")
-    samples: int = Field(0, ge=0, description="K for pass@K (0: greedy accuracy only)")
+    samples: int = Field(0, ge=0, le=MAX_SAMPLES, description="K for pass@K (0: greedy accuracy only)")
 
 
 class ShiftConfig(_Strict):
     prompts: int = Field(64, ge=0, description="held-out prompts of each stage's task (0: skip KL measurement)")
-    samples: int = Field(1, ge=1, description="samples per prompt")
+    samples: int = Field(1, ge=1, le=MAX_SAMPLES, description="samples per prompt")
 
 
 class StreamingConfig(_Strict):
@@ -73,7 +77,7 @@ class StreamingConfig(_Strict):
 class ExperimentConfig(_Strict):
     name: str = "experiment"
     model: str = "base"
-    seed: int = 0
+    seed: int = Field(0, ge=0, le=MAX_SEED)
     mode: Literal["batch", "streaming"] = "batch"
     method: dict[str, Any] | str = "sft"
     stages: list[StageConfig] = Field(min_length=1)
@@ -142,11 +146,30 @@ class ExperimentConfig(_Strict):
         return out
 
 
+MAX_CONFIG_NODES = 100_000  # values in a config, aliases expanded: a YAML "billion laughs" is refused, not expanded
+
+
+def _check_size(data: Any, source: str) -> None:
+    """Count the config's values as validation would visit them (YAML aliases once per use); refuse past the limit."""
+    budget, stack = MAX_CONFIG_NODES, [data]
+    while stack:
+        node = stack.pop()
+        budget -= 1
+        if budget < 0:
+            raise RetainError(f"{source}: more than {MAX_CONFIG_NODES:,} values (YAML aliases expanded): not a config")
+        if isinstance(node, dict):
+            stack.extend(node.keys())
+            stack.extend(node.values())
+        elif isinstance(node, (list, tuple)):
+            stack.extend(node)
+
+
 def parse_experiment(data: Any, source: str = "config") -> ExperimentConfig:
     if not isinstance(data, dict):
         raise RetainError(f"{source}: expected a mapping at the top level, got {type(data).__name__}")
+    _check_size(data, source)
     try:
-        return ExperimentConfig(**data)
+        return ExperimentConfig.model_validate(data)  # not **data: a YAML key may be a number or null
     except ValidationError as err:
         first = err.errors()[0]
         loc = "".join(f"[{p}]" if p.isdigit() else f".{p}" for p in user_path(first["loc"])).lstrip(".")
@@ -168,4 +191,6 @@ def load_experiment(path: str | Path) -> ExperimentConfig:
         raise RetainError(f"{path}: not valid YAML{where}") from None
     except UnicodeDecodeError:
         raise RetainError(f"{path}: not UTF-8 text") from None
+    except RecursionError:
+        raise RetainError(f"{path}: nested too deeply to be a config") from None
     return parse_experiment(data, str(path))

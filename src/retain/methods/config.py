@@ -21,6 +21,12 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+# Upper bounds on sizes that allocate (a typo such as group_size: 80000000 is refused up front, not an OOM later)
+MAX_SAMPLES = 4096  # samples per prompt, group size
+MAX_BATCH = 1 << 20  # sequences per step, prompts per step, buffer and Fisher sizes
+MAX_TOKENS = 1 << 17  # sampling length
+
+
 # --- where the training tokens come from -------------------------------------------------------------------------
 class OfflineData(_Strict):
     """The task's reference targets. ``target`` picks among several correct answers (SPEC §2.4): the canonical one,
@@ -35,7 +41,7 @@ class SampledData(_Strict):
     samples of another model (a finished RL run's policy: SFT on RL samples, Razor's distillation check)."""
 
     kind: Literal["self"] = "self"
-    samples_per_prompt: int = Field(8, ge=1)
+    samples_per_prompt: int = Field(8, ge=1, le=MAX_SAMPLES)
     temperature: float = Field(1.0, gt=0)
     source_model: str | None = None
 
@@ -45,7 +51,7 @@ class IterativeData(_Strict):
     and keep the correct samples."""
 
     kind: Literal["iterative"] = "iterative"
-    samples_per_prompt: int = Field(8, ge=1)
+    samples_per_prompt: int = Field(8, ge=1, le=MAX_SAMPLES)
     temperature: float = Field(1.0, gt=0)
     epoch_steps: int = Field(25, ge=1)
 
@@ -54,8 +60,8 @@ class OnPolicyData(_Strict):
     """GRPO rollouts: ``group_size`` samples per prompt from the current policy every ``updates_per_batch`` steps."""
 
     kind: Literal["on_policy"] = "on_policy"
-    group_size: int = Field(8, ge=2)
-    prompts_per_step: int = Field(16, ge=1)
+    group_size: int = Field(8, ge=2, le=MAX_SAMPLES)
+    prompts_per_step: int = Field(16, ge=1, le=MAX_BATCH)
     temperature: float = Field(1.0, gt=0)
     updates_per_batch: int = Field(1, ge=1, description="μ: optimizer steps per rollout batch")
 
@@ -135,7 +141,7 @@ class EWCReg(_Strict):
 
     kind: Literal["ewc"] = "ewc"
     weight: float = Field(100.0, gt=0)
-    fisher_samples: int = Field(128, ge=1)
+    fisher_samples: int = Field(128, ge=1, le=MAX_BATCH)
 
 
 RegularizerConfig = Annotated[Union[KLRefReg, DistillReg, L2SPReg, EWCReg], Field(discriminator="kind")]
@@ -146,7 +152,7 @@ class ReplayConfig(_Strict):
     examples per earlier stage (reservoir of the stage's train split, seeded)."""
 
     ratio: float = Field(0.25, gt=0, lt=1)
-    size: int = Field(512, ge=1)
+    size: int = Field(512, ge=1, le=MAX_BATCH)
 
 
 class AdapterConfig(_Strict):
@@ -154,7 +160,7 @@ class AdapterConfig(_Strict):
     one adapter trained across all stages (merged for evaluation only)."""
 
     kind: Literal["lora"] = "lora"
-    r: int = Field(8, ge=1)
+    r: int = Field(8, ge=1, le=1 << 16)
     alpha: float = Field(16.0, gt=0)
     dropout: float = Field(0.0, ge=0, lt=1)
     target_modules: list[str] = Field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "up_proj", "down_proj", "gate_proj"])
@@ -169,9 +175,9 @@ class MethodConfig(_Strict):
     replay: ReplayConfig | None = None
     adapter: AdapterConfig | None = None
     train: TrainConfig = Field(default_factory=lambda: TrainConfig(steps=100, lr=3e-4))
-    batch_size: int = Field(32, ge=1, description="sequences per optimizer step (SFT family)")
-    micro_batch_size: int | None = Field(None, ge=1)
-    max_new_tokens: int | None = Field(None, ge=1, description="sampling length (default: the task's)")
+    batch_size: int = Field(32, ge=1, le=MAX_BATCH, description="sequences per optimizer step (SFT family)")
+    micro_batch_size: int | None = Field(None, ge=1, le=MAX_BATCH)
+    max_new_tokens: int | None = Field(None, ge=1, le=MAX_TOKENS, description="sampling length (default: the task's)")
 
     @model_validator(mode="after")
     def _parts_fit(self) -> "MethodConfig":
@@ -239,11 +245,13 @@ def method_config(spec: str | dict[str, Any] | MethodConfig, where: str = "metho
         return spec
     raw = {"name": spec} if isinstance(spec, str) else dict(spec)
     name = raw.get("name", "custom")
+    if not isinstance(name, str):
+        raise RetainError(f"{where}.name: expected a method name, got {type(name).__name__}")
     if name != "custom" and name not in PRESETS:
         raise RetainError(f"{where}.name: unknown method {name!r} (methods: {', '.join(PRESETS)}, custom)")
     merged = _merge(PRESETS.get(name, {}), raw)
     try:
-        return MethodConfig(**merged)
+        return MethodConfig.model_validate(merged)  # not **merged: a YAML key may be a number or null
     except ValidationError as err:
         first = err.errors()[0]
         loc = ".".join(user_path(first["loc"]))

@@ -45,13 +45,24 @@ def get(name: str) -> Task:
     if name in _BUILTIN:
         module, attr = _BUILTIN[name].split(":")
         return getattr(importlib.import_module(module), attr)()
-    path, _, verifier = name.partition(":") if not Path(name).exists() else (name, "", "")
-    if Path(path).exists() or path.endswith(_DATA_SUFFIXES) or "/" in path:
+    if not isinstance(name, str):
+        raise RetainError(f"a task name must be a string, got {type(name).__name__}")
+    path, _, verifier = name.partition(":") if not _exists(name) else (name, "", "")
+    if _exists(path) or path.endswith(_DATA_SUFFIXES) or "/" in path:
         from retain.tasks.dataset import DatasetTask
 
         return DatasetTask.from_path(path, verifier=verifier or "exact")  # names the missing file itself
     known = ", ".join([*_BUILTIN, *GROUPS])
-    raise RetainError(f"unknown task {name!r} (known: {known}; or a path to a .jsonl/.parquet/HF dataset)")
+    shown = repr(name) if len(name) <= 80 else repr(name[:80]) + f"... ({len(name)} characters)"
+    raise RetainError(f"unknown task {shown} (known: {known}; or a path to a .jsonl/.parquet/HF dataset)")
+
+
+def _exists(path: str) -> bool:
+    """Whether ``path`` names something on disk; a name no file can have (too long, a NUL byte) does not."""
+    try:
+        return Path(path).exists()
+    except (OSError, ValueError):
+        return False
 
 
 def resolve(items: str | list[str] | tuple[str, ...]) -> list[str]:
