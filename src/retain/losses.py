@@ -98,7 +98,8 @@ def group_advantages(
 
     Conventions:
         * std uses Bessel's correction (divides by n − 1), as TRL's ``nanstd``.
-        * NaN rewards are left out of every mean and std and get advantage exactly 0.
+        * NaN rewards are left out of every mean and std and get advantage exactly 0; so are ±inf rewards (a broken
+          reward function: TRL's would turn the whole group's advantages into NaN).
         * A group whose scorable rewards are all equal gets advantage exactly 0 (in every mode) — TRL can leave a
           float rounding residue here when the group mean is inexact; retain forces the 0.
         * A group (or, for ``"batch"``, a batch) with a single scorable reward has an undefined std; its advantage is 0
@@ -112,6 +113,7 @@ def group_advantages(
         r = rewards.detach().to(torch.float32).reshape(-1)
     else:
         r = torch.tensor([math.nan if x is None else float(x) for x in rewards], dtype=torch.float32)
+    r = torch.where(torch.isinf(r), torch.full_like(r, math.nan), r)  # unscorable, like NaN
     if group_size < 1:
         raise ValueError(f"group_size must be >= 1, got {group_size}")
     if r.numel() % group_size != 0:

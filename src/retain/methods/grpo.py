@@ -14,6 +14,7 @@ rollout batch — the prompt order of one process — and the Trainer hands each
 
 from __future__ import annotations
 
+import math
 import random
 from dataclasses import dataclass
 
@@ -65,16 +66,21 @@ class GRPOObjective:
         rng = random.Random(ctx.seed * 1_000_003 + step)
         chosen = rng.sample(self.prompts, min(d.prompts_per_step, len(self.prompts)))
         roll = self._generate(chosen, ctx.seed * 1_000_003 + step)
-        rewards = [ctx.task.reward(p, t) for p, t in zip(roll.prompts, roll.texts)]
+        rewards = [_scorable(ctx.task.reward(p, t)) for p, t in zip(roll.prompts, roll.texts)]
         advantages = group_advantages(rewards, d.group_size, self.lossc.scale, self.lossc.adv_eps)
         correct = [r >= 1.0 for r in rewards]
         groups = torch.tensor(rewards, dtype=torch.float32).view(-1, d.group_size)
+        valid = ~torch.isnan(groups)
+        g_max = torch.where(valid, groups, -torch.inf).amax(1)
+        g_min = torch.where(valid, groups, torch.inf).amin(1)
         metrics = {
-            "reward": float(groups.mean()),
+            "reward": float(groups[valid].mean()) if valid.any() else 0.0,
             "accuracy": sum(correct) / len(correct),
             "completion_len": sum(len(c) for c in roll.completion_ids) / len(roll),
             "truncated": sum(roll.truncated) / len(roll),
-            "flat_groups": float((groups.max(1).values == groups.min(1).values).float().mean()),
+            # groups whose scorable rewards are all equal (advantage 0: no signal), and rewards that were not scorable
+            "flat_groups": float(((g_max == g_min) | (valid.sum(1) <= 1)).float().mean()),
+            "unscorable": float((~valid).float().mean()),
         }
         pad = ctx.tokenizer.pad_token_id
         seqs = [p + c for p, c in zip(roll.prompt_ids, roll.completion_ids)]
@@ -152,6 +158,16 @@ class GRPOObjective:
         return loss, {**batch.metrics, **{k: float(v) for k, v in stats.items()}}
 
 
+def _scorable(reward) -> float:
+    """A reward as a float, NaN when it is not a finite number (None, NaN, ±inf): such a completion gets advantage 0
+    and is counted in the ``unscorable`` metric instead of turning its group's advantages, or the loss, into NaN."""
+    try:
+        value = float(reward)
+    except (TypeError, ValueError):
+        return math.nan
+    return value if math.isfinite(value) else math.nan
+
+
 def _without_flat_rows(batch: RolloutBatch) -> RolloutBatch:
     """The rows whose advantage is not exactly 0. With β = 0 a row with A = 0 has per-token loss −min(ρA, clip(ρ)A)
     = 0 and zero gradient, and every normaliser (the share of ``total_sequences``, ``total_tokens``) counts the whole
@@ -219,6 +235,8 @@ def packed_logp(model, prompt_ids, completion_ids, length, temperature, device) 
         at = plen
         for j, i in enumerate(rows):
             c = completion_ids[i]
+            if not c:  # an empty completion has no token to score (its row of the result stays 0)
+                continue
             ids[r, at : at + len(c)] = torch.tensor(c)
             pos[r, at : at + len(c)] = torch.arange(plen, plen + len(c))
             seg[r, at : at + len(c)] = j
@@ -237,6 +255,8 @@ def packed_logp(model, prompt_ids, completion_ids, length, temperature, device) 
     dtype = next(model.parameters()).dtype
     mask = torch.zeros(allowed.shape, dtype=dtype).masked_fill_(~allowed, torch.finfo(dtype).min)[:, None]
     logits = model(input_ids=ids.to(device), attention_mask=mask.to(device), position_ids=pos.to(device)).logits
+    if not tgt:  # every completion empty: nothing to score (the forward still runs, so gradients stay connected)
+        return logits.new_zeros((len(prompt_ids), length - 1)) + 0 * logits.sum()
     picked = logits[torch.tensor(src_row, device=device), torch.tensor(src_col, device=device)]
     lp = token_logprobs(picked, torch.tensor(tgt, device=device), temperature)
     out = torch.zeros((len(prompt_ids), length - 1), dtype=lp.dtype, device=device)
