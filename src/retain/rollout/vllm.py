@@ -144,6 +144,7 @@ def _shared_llm(vllm: Any, model: torch.nn.Module) -> Any:
         "distributed_executor_backend": "external_launcher",
         "seed": 0,
         "trust_remote_code": False,
+        "load_format": "safetensors",  # its first copy of the weights: never unpickled (the policy's are pushed after)
     }
     if os.environ.get("RETAIN_VLLM_MAX_MODEL_LEN"):
         kwargs["max_model_len"] = int(os.environ["RETAIN_VLLM_MAX_MODEL_LEN"])
