@@ -23,12 +23,15 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-# name -> (module, goal, unit, reference label)
+# name -> (module, goal, unit, reference label). The "_compiled" rows run retain with ``train.compile: true``
+# (torch.compile of the training forward/backward; off by default) against the same reference measurement.
 BENCHES = {
     "grpo_steps_per_s": ("grpo", 3.0, "steps/s", "TRL 1.16 GRPOTrainer"),
     "sft_tokens_per_s": ("sft", 2.0, "tokens/s", "TRL 1.16 SFTTrainer"),
+    "sft_tokens_per_s_compiled": ("sft", 2.0, "tokens/s", "TRL 1.16 SFTTrainer"),
     "rollout_tokens_per_s": ("rollout", 1.5, "tokens/s", "HFGenerateEngine (model.generate)"),
     "train_flops_fraction_of_matmul_peak": ("flops", 0.5, "GFLOP/s", "fp32 torch.mm peak"),
+    "train_flops_fraction_of_matmul_peak_compiled": ("flops", 0.5, "GFLOP/s", "fp32 torch.mm peak"),
 }
 
 
@@ -53,10 +56,10 @@ def measure(part: str, quick: bool) -> dict:
         import grpo
 
         return grpo.trl_grpo(*sizes["grpo"])
-    if part == "sft.retain":
+    if part in ("sft.retain", "sft.retain_compiled"):
         import sft
 
-        return sft.retain_sft(*sizes["sft"])
+        return sft.retain_sft(*sizes["sft"], compile=part.endswith("_compiled"))
     if part == "sft.reference":
         import sft
 
@@ -73,10 +76,10 @@ def measure(part: str, quick: bool) -> dict:
         import flops
 
         return {"flops_per_s": flops.matmul_peak()}
-    if part == "flops.retain":
+    if part in ("flops.retain", "flops.retain_compiled"):
         import flops
 
-        return flops.train_flops(*sizes["flops"])
+        return flops.train_flops(*sizes["flops"], compile=part.endswith("_compiled"))
     raise SystemExit(f"unknown part {part!r}")
 
 
@@ -149,10 +152,13 @@ def main() -> None:
         raise SystemExit(f"unknown benchmark(s) {sorted(unknown)}; known: {', '.join(BENCHES)}")
     rows, details, loads = [], [], []
     start = time.perf_counter()
+    references: dict[str, dict] = {}  # one reference measurement serves a benchmark and its compiled variant
     for name in wanted:
         key, goal, unit, label = BENCHES[name]
-        ref = run_part(f"{key}.reference", args.quick)
-        ours = run_part(f"{key}.retain", args.quick)
+        if key not in references:
+            references[key] = run_part(f"{key}.reference", args.quick)
+        ref = references[key]
+        ours = run_part(f"{key}.retain" + ("_compiled" if name.endswith("_compiled") else ""), args.quick)
         if key == "grpo":
             r, b = ours["steps_per_s"], ref["steps_per_s"]
             details.append(f"{name}: mean completion length retain {ours['completion_len']:.2f}, "

@@ -6,6 +6,8 @@ retain way (chat-templated prompt + answer + eos); TRL gets them pre-tokenized (
 ``completion_only_loss=True``), so both see exactly the same sequences, right-padded to the batch's longest.
 Batch 32 sequences per optimizer step, no accumulation, lr 3e-4 constant, grad-norm clip 1.0, CPU fp32.
 Tokens/s counts every non-padding token of the batches trained on (prompt and completion).
+``sft_tokens_per_s_compiled``: the same run with ``train.compile: true`` (torch.compile, dynamic shapes); its one-off
+compile falls in the warm-up steps, which are not timed (the compile's own cost is printed by ``bench/run.py``'s wall).
 """
 
 from __future__ import annotations
@@ -26,14 +28,14 @@ def _pairs(tok):
     return [(encode_prompt(tok, e.prompt), encode_answer(tok, e.answer)) for e in examples]
 
 
-def retain_sft(warmup: int, steps: int) -> dict:
+def retain_sft(warmup: int, steps: int, compile: bool = False) -> dict:
     from retain.models.loading import load_model
 
     model, tok = load_model("base")
     clock = StepClock()
     method = {
         "name": "sft", "batch_size": BATCH,
-        "train": {"steps": warmup + steps, "lr": LR, "max_grad_norm": 1.0, "log_every": 10_000},
+        "train": {"steps": warmup + steps, "lr": LR, "max_grad_norm": 1.0, "log_every": 10_000, "compile": compile},
     }
     trainer, objective = retain_trainer(model, tok, "countdown", method, on_step=clock.tick)
     tokens: list[int] = []
