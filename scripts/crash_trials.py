@@ -15,8 +15,9 @@ maybe damages it further, resumes it with a plain ``retain run`` until it finish
   written but not renamed, before stage.json, before results.json), N drawn over the reference's count;
 - ``double``: two such kills in a row before the resume;
 - ``corrupt``: a kill, then the damage a disk or a person can do: bytes flipped in, or the tail cut off, the
-  weights, optimizer or RNG file the resume would build on, or a torn line at the end of the training log. The
-  resume must report it (``events.jsonl`` naming the file) and redo the stage (or ignore the checkpoint);
+  weights, optimizer or RNG file the resume may build on, or a torn line at the end of the training log. The
+  resume must report a damaged file it would use (``events.jsonl`` naming the file) and redo the stage (or ignore
+  the checkpoint); a damaged file past the resume point is simply rewritten; none may survive as it was;
 - ``enospc``: ``OSError(ENOSPC)`` (a full disk) raised at a write: the victim must exit 1 with one line;
 - ``concurrent``: the victim is stopped (SIGSTOP) holding the run's lock; a second ``retain run`` on the same
   directory must be refused (exit 2, one line); the victim is then continued (SIGCONT) and finishes.
@@ -119,10 +120,11 @@ def inspect(out: Path, allow_damage: bool = False) -> list[str]:
     for path in sorted(out.rglob("*")):
         if any(part.endswith(".tmp") for part in path.relative_to(out).parts) or not path.is_file():
             continue
-        if path.suffix == ".json":
+        if path.suffix in (".json", ".yaml"):
             try:
-                json.loads(path.read_text(encoding="utf-8"))
-            except ValueError as err:
+                text = path.read_text(encoding="utf-8")
+                json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
+            except (ValueError, yaml.YAMLError) as err:
                 problems.append(f"{path}: does not parse ({err})")
         elif path.suffix == ".safetensors" and not allow_damage:
             try:
@@ -191,32 +193,33 @@ def damage_targets(out: Path, mode: str) -> list[Path]:
     return [t for t in targets if t.is_file()]
 
 
-def damage(out: Path, mode: str, rng: random.Random) -> str | None:
+def damage(out: Path, mode: str, rng: random.Random) -> tuple[str | None, Path | None]:
+    """Damage one file a resume may build on; returns what was done and the damaged file (None: the log)."""
     targets = damage_targets(out, mode)
     log = out / "steps.jsonl"
     if not targets or rng.random() < 0.2:
         if not log.exists():
-            return None
+            return None, None
         with open(log, "a", encoding="utf-8") as f:
             f.write('{"stage": 1, "step": 99, "loss": 0.5')  # a torn last line: no newline, no closing brace
-        return f"torn line appended to {log.name}"
+        return f"torn line appended to {log.name}", None
     target = rng.choice(targets)
     data = bytearray(target.read_bytes())
     if rng.random() < 0.5 and len(data) > 1:
         cut = rng.randrange(1, len(data))
         target.write_bytes(bytes(data[:cut]))
-        return f"truncated {target.relative_to(out)} to {cut}/{len(data)} bytes"
+        return f"truncated {target.relative_to(out)} to {cut}/{len(data)} bytes", target
     at = rng.randrange(len(data))
     data[at] ^= 0xFF
     target.write_bytes(bytes(data))
-    return f"flipped byte {at} of {target.relative_to(out)}"
+    return f"flipped byte {at} of {target.relative_to(out)}", target
 
 
 # ----------------------------------------------------------------------------------------------- trials
 
 
 def reference(work: Path, config: Path) -> tuple[dict[str, Any], list[dict[str, Any]], float, Counter]:
-    out, trace = work / "reference", work / "reference.trace"
+    out, trace = work / f"reference-{config.stem}", work / f"reference-{config.stem}.trace"
     trace.unlink(missing_ok=True)
     started = time.perf_counter()
     code, err = finish(start(config, out, RETAIN_FAULT_TRACE=str(trace)))
@@ -254,7 +257,7 @@ def run_trial(trial: Trial, config: Path, work: Path, ref: tuple, rng: random.Ra
     ref_results, ref_log, wall, counts = ref
     out = work / f"trial{trial.index:03d}-{trial.mode}-{trial.kind}"
     started = time.perf_counter()
-    expect_warning = False
+    damaged: tuple[Path, bytes] | None = None
     if trial.kind in ("point", "random"):
         strike(trial, config, out, rng, counts, wall)
         trial.problems += inspect(out)
@@ -270,10 +273,11 @@ def run_trial(trial: Trial, config: Path, work: Path, ref: tuple, rng: random.Ra
         trial.faults.append(f"SIGKILL at {spec}" + (" (not reached)" if code == 0 else ""))
         trial.victim_exit.append(code)
         trial.problems += inspect(out)
-        what = damage(out, trial.mode, rng)
+        what, target = damage(out, trial.mode, rng)
         if what:
             trial.faults.append(what)
-            expect_warning = "torn" not in what and not (out / "results.json").exists()
+        if target is not None and not (out / "results.json").exists():
+            damaged = (target, target.read_bytes())
     elif trial.kind == "enospc":
         name = rng.choice([n for n in ("atomic_write", "model_dir", "checkpoint") if counts.get(n)])
         spec = f"{name}:{rng.randint(1, counts[name])}:enospc"
@@ -320,8 +324,11 @@ def run_trial(trial: Trial, config: Path, work: Path, ref: tuple, rng: random.Ra
     from retain.io import read_jsonl
 
     trial.warnings = [e["message"] for e in read_jsonl(out / "events.jsonl")]
-    if expect_warning and not trial.warnings:
-        trial.problems.append("damage was not reported")
+    # the damaged file was used and reported, or replaced (the resume point came before it), never kept as it was
+    if damaged and damaged[0].exists() and damaged[0].read_bytes() == damaged[1]:
+        trial.problems.append(f"damaged {damaged[0]} kept" + ("" if trial.warnings else " and not reported"))
+    elif damaged and not trial.warnings and damaged[0].exists():
+        trial.faults[-1] += " (rewritten by the resume before use)"
     trial.seconds = round(time.perf_counter() - started, 2)
     return trial
 
@@ -360,7 +367,8 @@ def summary(trials: list[Trial]) -> dict[str, Any]:
             elif f.startswith("SIGKILL after"):
                 faults["SIGKILL at a random moment"] += 1
             elif f.startswith(("flipped", "truncated")):
-                faults[f"{f.split()[0]} {Path(f.split()[-1 if f.startswith('flipped') else 1]).name}"] += 1
+                words = f.split()
+                faults[f"{words[0]} {Path(words[4] if words[0] == 'flipped' else words[1]).name}"] += 1
             elif f.startswith("torn"):
                 faults["torn log line"] += 1
             elif f.startswith("ENOSPC"):
@@ -372,6 +380,7 @@ def summary(trials: list[Trial]) -> dict[str, Any]:
         "faults_injected": sum(len(t.faults) for t in trials),
         "by_kind": dict(sorted(faults.items())),
         "damage_reported": sum(bool(t.warnings) for t in trials),
+        "damage_rewritten_before_use": sum(any("rewritten" in f for f in t.faults) for t in trials),
         "results_lost": sum(t.lost for t in trials),
         "seconds": round(sum(t.seconds for t in trials), 1),
     }

@@ -41,18 +41,20 @@ def _crash_trials():
 # ---------------------------------------------------------------------------------------------- end to end
 
 
-def test_killed_runs_resume_to_the_same_results(tmp_path):
+@pytest.mark.parametrize("mode", ["batch", "streaming"])
+def test_killed_runs_resume_to_the_same_results(tmp_path, mode):
     """Each trial: fault → the directory holds no half-written file → resume → results.json and the training log
     equal the uninterrupted run's, bit for bit, and every manifest intact."""
     ct = _crash_trials()
     n = int(os.environ.get("RETAIN_CRASH_TRIALS", "4"))
+    n = n if mode == "batch" else max(1, n // 4)
     kinds = ("corrupt", "point", "enospc", "concurrent", "random", "double")
-    trials = ct.run_trials(n, seed=0, work=tmp_path, modes=["batch"], kinds=kinds)
+    trials = ct.run_trials(n, seed=0, work=tmp_path, modes=[mode], kinds=kinds)
     summary = ct.summary(trials)
     assert summary["trials"] == n
     assert summary["results_lost"] == 0, "\n".join(ct.row(t) for t in trials)
-    damaged = [t for t in trials if any(f.startswith(("flipped", "truncated")) for f in t.faults)]
-    assert all(t.warnings for t in damaged), "damage not reported"  # (also a problem inside run_trial)
+    # a damaged file the resume would use was reported (a warning naming it), or it lay past the resume point and
+    # was rewritten: run_trial counts any other outcome as a problem, so results_lost covers it
 
 
 # ---------------------------------------------------------------------------------------------- manifests
@@ -116,6 +118,14 @@ def test_fault_point_is_inert_without_the_variable_and_can_fill_the_disk(monkeyp
     assert err.value.errno == errno.ENOSPC
     assert (tmp_path / "b.txt").read_text() == "first"  # the old content survives the failed write
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.txt", "b.txt"]  # and no temp file is left
+
+
+def test_damaged_config_yaml_is_a_clear_error(micro_dir, tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "config.yaml").write_bytes(b"name: [\xff")
+    with pytest.raises(RetainError, match="config.yaml is damaged"):
+        run_experiment(parse_experiment(_experiment(micro_dir)), out)
 
 
 def test_run_directory_that_is_a_file_is_a_clear_error(tmp_path):

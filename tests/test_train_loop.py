@@ -42,15 +42,35 @@ def test_sft_loss_goes_down(micro_model, tokenizer):
     assert losses[-1] < 0.7 * losses[0]
 
 
+def _first_step_gradient(model, objective) -> torch.Tensor:
+    """The gradient the optimizer is handed at step 0 (captured just before it steps)."""
+    trainer = Trainer(model, objective, TrainConfig(steps=1, lr=1e-3, max_grad_norm=None))
+    captured = []
+    step = trainer.optimizer.step
+
+    def capture(*args, **kwargs):
+        captured.append(torch.cat([p.grad.detach().flatten() for p in model.parameters()]))
+        return step(*args, **kwargs)
+
+    trainer.optimizer.step = capture
+    trainer.run()
+    return captured[0]
+
+
 def test_gradient_accumulation_matches_full_batch(tokenizer, micro_model):
     import copy
 
     other = copy.deepcopy(micro_model)
+    # micro-batch losses are normalised by the step's token count, so accumulation is the same computation: the
+    # gradients agree to float rounding (compared before Adam, which is blind to a scale error and turns a rounding
+    # difference in a near-zero gradient into a visible one)
+    full = _first_step_gradient(copy.deepcopy(micro_model), sft_objective(tokenizer, 8, 8))
+    accum = _first_step_gradient(copy.deepcopy(micro_model), sft_objective(tokenizer, 8, 4))
+    assert torch.allclose(full, accum, rtol=1e-5, atol=1e-7)
     cfg = TrainConfig(steps=3, lr=1e-3, max_grad_norm=None)
-    full = train(micro_model, sft_objective(tokenizer, 8, 8), cfg)
-    accum = train(other, sft_objective(tokenizer, 8, 4), cfg)
-    # micro-batch losses are normalised by the step's token count, so accumulation is the same computation
-    assert torch.allclose(flat_params(full), flat_params(accum), atol=1e-6)
+    a = train(micro_model, sft_objective(tokenizer, 8, 8), cfg)
+    b = train(other, sft_objective(tokenizer, 8, 4), cfg)
+    assert torch.allclose(flat_params(a), flat_params(b), atol=1e-5)  # a scale or data error moves weights ~lr
 
 
 @pytest.mark.slow

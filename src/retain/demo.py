@@ -47,12 +47,16 @@ class DemoPreset(BaseModel):
     eval_n: int = 64
     shift_prompts: int = 32
     token_examples: int = 256
+    samples_per_prompt: int = 2  # self-SFT and iterative SFT
 
     def method_dict(self, method: str, lr: float) -> dict[str, Any]:
         if method == "grpo":
             return {"name": "grpo", "data": {"prompts_per_step": self.grpo_prompts, "group_size": self.grpo_group},
                     "train": {"steps": self.grpo_steps, "lr": lr, "log_every": 5}}
-        extra: dict[str, Any] = {"data": {"samples_per_prompt": 4}} if method in ("self_sft", "iterative_sft") else {}
+        # sampling every train prompt dominates these two methods' cost: samples_per_prompt sets it (2 per prompt
+        # finds the correct answers of ~500 prompts in half the time of 4, at the cost of fewer distinct ones)
+        sampled = {"samples_per_prompt": self.samples_per_prompt}
+        extra: dict[str, Any] = {"data": sampled} if method in ("self_sft", "iterative_sft") else {}
         if method == "iterative_sft":
             extra["data"]["epoch_steps"] = max(1, self.sft_steps // 2)
         return {"name": method, "batch_size": self.sft_batch, "train": {"steps": self.sft_steps, "lr": lr, "log_every": 5},
@@ -63,9 +67,10 @@ PRESETS = {
     "quick": DemoPreset(name="quick", seeds=[0], lrs={"sft": [3e-4], "grpo": [3e-4]}, sft_steps=20, grpo_steps=10,
                         eval_n=48, shift_prompts=16, token_examples=128),
     "default": DemoPreset(name="default", seeds=[0, 1, 2], lrs={"sft": [1e-4, 3e-4], "grpo": [1e-4, 3e-4]},
-                          sft_steps=30, grpo_steps=15),
+                          sft_steps=25, grpo_steps=25),
     "full": DemoPreset(name="full", seeds=[0, 1, 2, 3, 4], lrs={"sft": [1e-4, 3e-4, 1e-3], "grpo": [1e-4, 3e-4, 1e-3]},
-                       sft_steps=80, grpo_steps=40, eval_n=128, shift_prompts=64, token_examples=512),
+                       sft_steps=80, grpo_steps=60, eval_n=128, shift_prompts=64, token_examples=512,
+                       samples_per_prompt=4),
 }
 
 

@@ -12,6 +12,7 @@ import errno
 import hashlib
 import json
 import os
+import shutil
 import signal
 import tempfile
 from pathlib import Path
@@ -78,6 +79,28 @@ def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
         if isinstance(record, dict):
             out.append(record)
     return out
+
+
+# ------------------------------------------------------------------------------------------------ directories
+
+
+def remove_dir(path: str | Path) -> None:
+    """Delete a directory so that no reader ever sees it half deleted: it is renamed away first (atomic), then
+    deleted under a ``*.tmp`` name — a kill during the deletion leaves a temp leftover, which resuming removes."""
+    path = Path(path)
+    if not path.exists():
+        return
+    trash = path.with_name(path.name + ".del.tmp")
+    shutil.rmtree(trash, ignore_errors=True)
+    os.replace(path, trash)
+    shutil.rmtree(trash, ignore_errors=True)
+
+
+def publish_dir(tmp: str | Path, path: str | Path) -> None:
+    """Move the complete directory ``tmp`` to ``path``, replacing what was there: a reader sees the old directory,
+    then none, then the new one, never a mix of the two."""
+    remove_dir(path)
+    os.replace(tmp, path)
 
 
 # ------------------------------------------------------------------------------------------------ manifests

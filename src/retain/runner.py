@@ -47,8 +47,8 @@ from retain.config import ExperimentConfig
 from retain.errors import RetainError
 from retain.evaluate import DEFAULT_MAX_NEW_TOKENS, evaluate_task
 from retain.io import (
-    append_jsonl, atomic_write_json, atomic_write_text, fault_point, read_json, read_jsonl, verify_manifest,
-    write_manifest,
+    append_jsonl, atomic_write_json, atomic_write_text, fault_point, publish_dir, read_json, read_jsonl, remove_dir,
+    verify_manifest, write_manifest,
 )
 from retain.methods import adapters
 from retain.methods.build import frozen_copy, train_stage
@@ -134,8 +134,7 @@ def _save_model_dir(model, tokenizer, path: Path) -> None:
     tokenizer.save_pretrained(tmp)
     write_manifest(tmp)
     fault_point("model_dir")
-    shutil.rmtree(path, ignore_errors=True)
-    tmp.rename(path)
+    publish_dir(tmp, path)
 
 
 def _save_state(state: MethodState, path: Path) -> None:
@@ -150,8 +149,7 @@ def _save_state(state: MethodState, path: Path) -> None:
     atomic_write_json(tmp / "replay.json", state.replay)
     write_manifest(tmp)
     fault_point("state_dir")
-    shutil.rmtree(path, ignore_errors=True)
-    tmp.rename(path)
+    publish_dir(tmp, path)
 
 
 def _load_state(path: Path) -> MethodState:
@@ -210,7 +208,11 @@ def prepare_run_dir(cfg: ExperimentConfig, out: Path) -> int:
     resolved = yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=True)
     config_file = out / "config.yaml"
     if config_file.exists():
-        if yaml.safe_load(config_file.read_text(encoding="utf-8")) != yaml.safe_load(resolved):
+        try:
+            held = yaml.safe_load(config_file.read_text(encoding="utf-8"))
+        except (yaml.YAMLError, UnicodeDecodeError):
+            raise RetainError(f"{config_file} is damaged (not YAML): restore it, or choose another --out") from None
+        if held != yaml.safe_load(resolved):
             raise RetainError(f"{out} holds a run of a different config; choose another --out or delete it")
     else:
         atomic_write_text(config_file, resolved)
@@ -244,7 +246,7 @@ def run_experiment(cfg: ExperimentConfig, out: str | Path, progress: Progress | 
         stages_dir = out / "stages"
         for leftover in stages_dir.glob("*/checkpoint*"):  # only the next stage's checkpoint can be built on
             if leftover.parent.name != str(done + 1):
-                shutil.rmtree(leftover, ignore_errors=True)
+                remove_dir(leftover)
         checkpoint_dir = stages_dir / str(done + 1) / "checkpoint"
         if done < len(cfg.stages) and cfg.stage_method(done).train.checkpoint_every:
             from retain.train import recover_checkpoint
@@ -255,7 +257,7 @@ def run_experiment(cfg: ExperimentConfig, out: str | Path, progress: Progress | 
                 warn(out, say, f"stage {done + 1}'s checkpoint is damaged ({problem}); not used",
                      kind="corrupt_checkpoint", stage=done + 1, problem=problem)
         else:
-            shutil.rmtree(checkpoint_dir, ignore_errors=True)
+            remove_dir(checkpoint_dir)
             resume_step = 0
         keep_log(out, lambda r: r.get("stage", 0) <= done or (r.get("stage") == done + 1 and 0 < resume_step
                                                               and r.get("step", resume_step + 1) <= resume_step))
@@ -301,7 +303,7 @@ def run_experiment(cfg: ExperimentConfig, out: str | Path, progress: Progress | 
                 "total_seconds": round(time.perf_counter() - started, 2),
             })
             for leftover in (stage_dir / "checkpoint", stage_dir / "checkpoint.old"):
-                shutil.rmtree(leftover, ignore_errors=True)
+                remove_dir(leftover)
             say("stage_done", {"stage": k + 1, "task": task_name, "row": row})
         results = collect_results(cfg, out)
         fault_point("results")

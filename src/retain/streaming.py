@@ -39,7 +39,6 @@ from __future__ import annotations
 import bisect
 import json
 import random
-import shutil
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -53,7 +52,7 @@ from retain import tasks as task_registry
 from retain.config import ExperimentConfig
 from retain.distributed import make_accelerator
 from retain.errors import RetainError
-from retain.io import append_jsonl, atomic_write_json, atomic_write_text, read_json, verify_manifest
+from retain.io import append_jsonl, atomic_write_json, atomic_write_text, read_json, remove_dir, verify_manifest
 from retain.methods.build import build_objective, frozen_copy
 from retain.methods.config import EWCReg, MethodConfig
 from retain.methods.stage import MethodState, StageContext
@@ -319,7 +318,7 @@ def run_streaming(cfg: ExperimentConfig, out: str | Path, say: Progress | None =
         trainer.run()
         results = collect_stream_results(cfg, out)
         atomic_write_json(out / "results.json", results)
-        shutil.rmtree(checkpoint, ignore_errors=True)
+        remove_dir(checkpoint)
         return results
 
 
@@ -350,7 +349,7 @@ def _check_resume_point(cfg: ExperimentConfig, out: Path, checkpoint: Path, say:
             _point_file(out, p).unlink(missing_ok=True)
         else:
             warn(out, say, f"{problem}; the stream is redone from its start", kind="corrupt_stream", problem=problem)
-            shutil.rmtree(checkpoint, ignore_errors=True)
+            remove_dir(checkpoint)
             return
 
 

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
-from retain.io import atomic_write_json, fault_point, read_json, verify_manifest, write_manifest
+from retain.io import atomic_write_json, fault_point, read_json, remove_dir, verify_manifest, write_manifest
 
 
 class NonFiniteLoss(RuntimeError):
@@ -241,12 +241,12 @@ class Trainer:
         write_manifest(tmp)  # sha256 of every file: load verifies, and a damaged checkpoint is never used
         fault_point("checkpoint")
         old = path.with_name(path.name + ".old")
-        shutil.rmtree(old, ignore_errors=True)
+        remove_dir(old)
         if path.exists():
             os.replace(path, old)
         fault_point("checkpoint_swap")  # a kill here leaves only PATH.old: recover_checkpoint takes it
         os.replace(tmp, path)
-        shutil.rmtree(old, ignore_errors=True)
+        remove_dir(old)  # renamed away before it is deleted: never seen half deleted
 
     def load_checkpoint(self, path: str | Path) -> None:
         from safetensors.torch import load_model
@@ -286,7 +286,7 @@ def recover_checkpoint(path: str | Path) -> tuple[int | None, list[str]]:
                 problem = f"{d / 'trainer_state.json'}: missing or unreadable"
         problems.append(problem)
         logging.getLogger("retain").warning("checkpoint %s is damaged and is not used: %s", d, problem)
-        shutil.rmtree(d, ignore_errors=True)
+        remove_dir(d)
         return None
 
     step = step_of(path)
@@ -294,7 +294,7 @@ def recover_checkpoint(path: str | Path) -> tuple[int | None, list[str]]:
         step = step_of(old)
         if step is not None:
             os.replace(old, path)
-    shutil.rmtree(old, ignore_errors=True)
+    remove_dir(old)
     return step, problems
 
 
