@@ -20,6 +20,7 @@ from retain.tasks.expr import (
     parse,
     parse_with_numbers,
     reachable,
+    reaches,
     score,
     solve,
 )
@@ -267,6 +268,22 @@ def test_reachable() -> None:
     assert reachable([1, 2]) == {3, -1, 1, 2, Fraction(1, 2)}
     assert reachable([1, 2], "+") == {3}
     assert 24 in reachable([3, 3, 8, 8]) and 24 not in reachable([3, 3, 8, 8], "+-*")
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.lists(st.integers(0, 13), min_size=1, max_size=4),
+    st.sampled_from(["+-*/", "+-*", "+", "*/", "-"]),
+    st.integers(-30, 60) | st.fractions(min_value=-5, max_value=5, max_denominator=6),
+)
+def test_reaches_is_membership_in_reachable(numbers, ops, target) -> None:
+    assert reaches(numbers, target, ops) == (target in reachable(numbers, ops))
+
+
+def test_reaches_by_hand() -> None:
+    assert reaches([3, 3, 8, 8], 24) and not reaches([3, 3, 8, 8], 24, "+-*")  # 8/(3-8/3)
+    assert reaches([5], 5) and not reaches([5], 4)
+    assert reaches([0, 7], 0, "*") and not reaches([0, 7], 1, "/")
 
 
 def test_solve_rejects_bad_arguments() -> None:

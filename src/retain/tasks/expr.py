@@ -312,6 +312,20 @@ def reachable(numbers: Sequence[int], ops: str = ALL_OPS) -> frozenset[int | Fra
     return _values(_multiset(numbers), _check_ops(ops))
 
 
+def reaches(numbers: Sequence[int], target: int | Fraction, ops: str = ALL_OPS) -> bool:
+    """``target in reachable(numbers, ops)``, without enumerating every value of the whole set: for each split into
+    two sides, each value of one side is paired with the one partner value the other side would need (``_partners``),
+    so only the sub-multisets' value sets are built — ~10x less work for four numbers."""
+    ms, ops = _multiset(numbers), _check_ops(ops)
+    if len(ms) == 1:
+        return ms[0] == target
+    for a_ms, b_ms in _splits(ms):
+        b_vals = _values(b_ms, ops)
+        if any(_partners(op, a, target, b_vals) for a in _values(a_ms, ops) for op in ops):
+            return True
+    return False
+
+
 def solve(numbers: Sequence[int], target: int | Fraction, ops: str = ALL_OPS, limit: int = 32) -> list[str]:
     """Distinct solutions using each number exactly once, shortest first then alphabetical, at most ``limit``.
 

@@ -28,7 +28,7 @@ from __future__ import annotations
 import re
 from itertools import combinations_with_replacement
 
-from retain.tasks.expr import ALL_OPS, Puzzle, PuzzleTask, hash_partition, reachable
+from retain.tasks.expr import ALL_OPS, Puzzle, PuzzleTask, hash_partition, reaches
 
 RANKS = range(1, 14)
 FACES = (11, 12, 13)
@@ -72,7 +72,7 @@ class GeneralPointsTask(PuzzleTask):
         hands = list(combinations_with_replacement(RANKS, self.n_cards))  # sorted rank tuples
 
         def solvable(ranks: tuple[int, ...], rule: str) -> bool:
-            return self.target in reachable(values(ranks, rule), self.ops)
+            return reaches(values(ranks, rule), self.target, self.ops)
 
         def puzzle(ranks: tuple[int, ...], rule: str) -> Puzzle:
             meta = {"cards": tuple(card_name(r) for r in ranks), "values": values(ranks, rule), "rule": rule}
