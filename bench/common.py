@@ -85,9 +85,14 @@ def quiet() -> None:
         pass
 
 
-def trl_cpu_args(lr: float, max_steps: int) -> dict[str, Any]:
-    """The TRL TrainingArguments both TRL references share: CPU, fp32, constant lr, no logging/eval/saving."""
+def trl_cpu_args(lr: float, max_steps: int, gradient_checkpointing: bool = False) -> dict[str, Any]:
+    """The TRL TrainingArguments both TRL references share: CPU, fp32, constant lr, no logging/eval/saving.
+
+    ``gradient_checkpointing``: TRL 1.16's SFTConfig and GRPOConfig turn it on by default (an extra forward per
+    step); retain does not checkpoint, so the main references turn it off — the same work on both sides — and the
+    ``*_vs_trl_defaults`` rows keep TRL's default, what a user running TRL out of the box gets."""
     return dict(
+        gradient_checkpointing=gradient_checkpointing,
         learning_rate=lr, lr_scheduler_type="constant", max_grad_norm=1.0, max_steps=max_steps, use_cpu=True,
         bf16=False, fp16=False, logging_strategy="no", save_strategy="no", eval_strategy="no", report_to=[],
         disable_tqdm=True, dataloader_num_workers=0, seed=0,

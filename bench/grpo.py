@@ -47,7 +47,7 @@ def retain_grpo(warmup: int, steps: int) -> dict:
     return {"steps_per_s": clock.rate(warmup), "completion_len": sum(lengths[warmup:]) / len(lengths[warmup:])}
 
 
-def trl_grpo(warmup: int, steps: int) -> dict:
+def trl_grpo(warmup: int, steps: int, gradient_checkpointing: bool = False) -> dict:
     from datasets import Dataset
     from trl import GRPOConfig, GRPOTrainer
 
@@ -81,7 +81,7 @@ def trl_grpo(warmup: int, steps: int) -> dict:
             num_iterations=1,
             loss_type="grpo",
             scale_rewards="group",
-            **trl_cpu_args(LR, warmup + steps),
+            **trl_cpu_args(LR, warmup + steps, gradient_checkpointing),
         )
         trainer = GRPOTrainer(
             model=model, reward_funcs=reward_fn, args=args, train_dataset=data, processing_class=tok,

@@ -26,9 +26,11 @@ sys.path.insert(0, str(HERE))
 # name -> (module, goal, unit, reference label). The "_compiled" rows run retain with ``train.compile: true``
 # (torch.compile of the training forward/backward; off by default) against the same reference measurement.
 BENCHES = {
-    "grpo_steps_per_s": ("grpo", 3.0, "steps/s", "TRL 1.16 GRPOTrainer"),
-    "sft_tokens_per_s": ("sft", 2.0, "tokens/s", "TRL 1.16 SFTTrainer"),
-    "sft_tokens_per_s_compiled": ("sft", 2.0, "tokens/s", "TRL 1.16 SFTTrainer"),
+    "grpo_steps_per_s": ("grpo", 3.0, "steps/s", "TRL 1.16 GRPOTrainer, gradient checkpointing off"),
+    "grpo_steps_per_s_vs_trl_defaults": ("grpo", 3.0, "steps/s", "TRL 1.16 GRPOTrainer, its defaults"),
+    "sft_tokens_per_s": ("sft", 2.0, "tokens/s", "TRL 1.16 SFTTrainer, gradient checkpointing off"),
+    "sft_tokens_per_s_vs_trl_defaults": ("sft", 2.0, "tokens/s", "TRL 1.16 SFTTrainer, its defaults"),
+    "sft_tokens_per_s_compiled": ("sft", 2.0, "tokens/s", "TRL 1.16 SFTTrainer, gradient checkpointing off"),
     "rollout_tokens_per_s": ("rollout", 1.5, "tokens/s", "HFGenerateEngine (model.generate)"),
     "train_flops_fraction_of_matmul_peak": ("flops", 0.5, "GFLOP/s", "fp32 torch.mm peak"),
     "train_flops_fraction_of_matmul_peak_compiled": ("flops", 0.5, "GFLOP/s", "fp32 torch.mm peak"),
@@ -52,18 +54,18 @@ def measure(part: str, quick: bool) -> dict:
         import grpo
 
         return grpo.retain_grpo(*sizes["grpo"])
-    if part == "grpo.reference":
+    if part in ("grpo.reference", "grpo.reference_trl_defaults"):
         import grpo
 
-        return grpo.trl_grpo(*sizes["grpo"])
+        return grpo.trl_grpo(*sizes["grpo"], gradient_checkpointing=part.endswith("_defaults"))
     if part in ("sft.retain", "sft.retain_compiled"):
         import sft
 
         return sft.retain_sft(*sizes["sft"], compile=part.endswith("_compiled"))
-    if part == "sft.reference":
+    if part in ("sft.reference", "sft.reference_trl_defaults"):
         import sft
 
-        return sft.trl_sft(*sizes["sft"])
+        return sft.trl_sft(*sizes["sft"], gradient_checkpointing=part.endswith("_defaults"))
     if part == "rollout.retain":
         import rollout
 
@@ -152,13 +154,18 @@ def main() -> None:
         raise SystemExit(f"unknown benchmark(s) {sorted(unknown)}; known: {', '.join(BENCHES)}")
     rows, details, loads = [], [], []
     start = time.perf_counter()
-    references: dict[str, dict] = {}  # one reference measurement serves a benchmark and its compiled variant
+    references: dict[str, dict] = {}  # one reference measurement serves a benchmark and its variants
+    measured: dict[str, dict] = {}  # and one retain measurement serves both references
     for name in wanted:
         key, goal, unit, label = BENCHES[name]
-        if key not in references:
-            references[key] = run_part(f"{key}.reference", args.quick)
-        ref = references[key]
-        ours = run_part(f"{key}.retain" + ("_compiled" if name.endswith("_compiled") else ""), args.quick)
+        ref_part = f"{key}.reference" + ("_trl_defaults" if name.endswith("_vs_trl_defaults") else "")
+        if ref_part not in references:
+            references[ref_part] = run_part(ref_part, args.quick)
+        ref = references[ref_part]
+        ours_part = f"{key}.retain" + ("_compiled" if name.endswith("_compiled") else "")
+        if ours_part not in measured:
+            measured[ours_part] = run_part(ours_part, args.quick)
+        ours = measured[ours_part]
         if key == "grpo":
             r, b = ours["steps_per_s"], ref["steps_per_s"]
             details.append(f"{name}: mean completion length retain {ours['completion_len']:.2f}, "

@@ -53,7 +53,7 @@ def retain_sft(warmup: int, steps: int, compile: bool = False) -> dict:
     return {"tokens_per_s": sum(tokens[warmup:]) / seconds, "steps_per_s": steps / seconds}
 
 
-def trl_sft(warmup: int, steps: int) -> dict:
+def trl_sft(warmup: int, steps: int, gradient_checkpointing: bool = False) -> dict:
     from datasets import Dataset
     from trl import SFTConfig, SFTTrainer
 
@@ -76,7 +76,7 @@ def trl_sft(warmup: int, steps: int) -> dict:
             packing=False,
             padding_free=False,
             max_length=None,
-            **trl_cpu_args(LR, warmup + steps),
+            **trl_cpu_args(LR, warmup + steps, gradient_checkpointing),
         )
         trainer = SFTTrainer(
             model=model, args=args, train_dataset=data, processing_class=tok, callbacks=[trl_clock_callback(clock)],

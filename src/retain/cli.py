@@ -39,7 +39,7 @@ def _quiet_libraries() -> None:
 def pretrain(
     out: Path = typer.Option(Path("runs/base"), help="directory to write the HF model to"),
     preset: str = typer.Option("tiny", help="model size preset"),
-    steps: int = typer.Option(1500, min=1, help="optimizer steps"),
+    steps: int = typer.Option(2000, min=1, help="optimizer steps"),
     batch_size: int = typer.Option(128, min=1),
     lr: float = typer.Option(2e-3, min=0.0),
     seed: int = typer.Option(0),

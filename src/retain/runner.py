@@ -45,6 +45,7 @@ from retain import metrics as M
 from retain import tasks as task_registry
 from retain.config import ExperimentConfig
 from retain.errors import RetainError
+from retain.eval_cache import cached_row
 from retain.evaluate import DEFAULT_MAX_NEW_TOKENS, evaluate_task
 from retain.io import (
     append_jsonl, atomic_write_json, atomic_write_text, fault_point, publish_dir, read_json, read_jsonl, remove_dir,
@@ -114,6 +115,13 @@ def evaluate_row(model, tokenizer, cfg: ExperimentConfig) -> dict[str, dict[str,
     return row
 
 
+def eval_settings(cfg: ExperimentConfig) -> dict[str, Any]:
+    """Everything besides the weights that an evaluation row depends on (the key of a shared row)."""
+    return {"columns": cfg.eval_tasks(), "n": cfg.eval.n, "samples": cfg.eval.samples, "seed": cfg.seed,
+            "engine": cfg.engine, "device": str(distributed.train_device(cfg.device)), "dtype": cfg.dtype,
+            "mixed_precision": cfg.mixed_precision}
+
+
 def measure_shift(base, previous, model, tokenizer, task_name: str, cfg: ExperimentConfig, stage: int) -> dict[str, Any]:
     out: dict[str, Any] = {"weight_l2": weight_l2(base, model), "weight_l2_from_previous": weight_l2(previous, model)}
     if cfg.shift.prompts == 0:
@@ -123,7 +131,10 @@ def measure_shift(base, previous, model, tokenizer, task_name: str, cfg: Experim
     max_new = getattr(task, "max_new_tokens", DEFAULT_MAX_NEW_TOKENS)
     seed = cfg.seed * 1000 + stage
     out["from_base"] = kl_shift(base, model, tokenizer, prompts, cfg.shift.samples, max_new, seed, cfg.engine)
-    out["from_previous"] = kl_shift(previous, model, tokenizer, prompts, cfg.shift.samples, max_new, seed, cfg.engine)
+    if stage == 1:  # the first stage's previous model is the base: the same measurement, not made twice
+        out["from_previous"] = out["from_base"]
+    else:
+        out["from_previous"] = kl_shift(previous, model, tokenizer, prompts, cfg.shift.samples, max_new, seed, cfg.engine)
     return out
 
 
@@ -222,8 +233,13 @@ def prepare_run_dir(cfg: ExperimentConfig, out: Path) -> int:
     return done
 
 
-def run_experiment(cfg: ExperimentConfig, out: str | Path, progress: Progress | None = None) -> dict[str, Any]:
-    """Run (or resume) ``cfg`` into ``out``; returns the results dict also written to ``out/results.json``."""
+def run_experiment(
+    cfg: ExperimentConfig, out: str | Path, progress: Progress | None = None, eval_cache: str | Path | None = None
+) -> dict[str, Any]:
+    """Run (or resume) ``cfg`` into ``out``; returns the results dict also written to ``out/results.json``.
+
+    ``eval_cache``: a directory of evaluation rows shared with other runs (:mod:`retain.eval_cache`): the starting
+    model's row is computed once for every run that starts from the same weights with the same evaluation."""
     out = Path(out)
     say = progress or (lambda event, data: None)
     if cfg.mode == "streaming":
@@ -266,7 +282,8 @@ def run_experiment(cfg: ExperimentConfig, out: str | Path, progress: Progress | 
         distributed.broadcast_object((done, need_eval0))  # the other ranks (follow_experiment) start here too
         if need_eval0:
             say("eval", {"stage": 0})
-            atomic_write_json(stages_dir / "0" / "eval.json", evaluate_row(model, tokenizer, cfg))
+            row0, _ = cached_row(eval_cache, model, eval_settings(cfg), lambda: evaluate_row(model, tokenizer, cfg))
+            atomic_write_json(stages_dir / "0" / "eval.json", row0)
         state = MethodState()
         if done:
             model, _ = load_configured(cfg, stages_dir / str(done) / "model")

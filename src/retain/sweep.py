@@ -282,7 +282,8 @@ def execute_run(name: str, config: dict[str, Any], out: str, threads: int | None
         _quiet(threads)
         from retain.runner import run_experiment
 
-        run_experiment(parse_experiment(config, name), out)
+        # the runs of a sweep share their starting rows (retain.eval_cache): a base evaluated once per seed
+        run_experiment(parse_experiment(config, name), out, eval_cache=Path(out).parent / "eval_cache")
         report["ok"] = True
     except BaseException as err:  # noqa: BLE001 — a worker reports every failure instead of dying with it
         if isinstance(err, KeyboardInterrupt):

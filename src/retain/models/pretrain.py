@@ -35,7 +35,7 @@ class PretrainConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     preset: str = "tiny"
-    steps: int = Field(1500, ge=1)
+    steps: int = Field(2000, ge=1)
     batch_size: int = Field(128, ge=1)
     lr: float = Field(2e-3, gt=0)
     min_lr_ratio: float = Field(0.1, ge=0, le=1)
