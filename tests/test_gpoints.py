@@ -11,10 +11,10 @@ from retain.errors import RetainError
 from retain.tasks.gpoints import GeneralPointsTask, prompt_for, values
 
 class ThreeCardsTo12(GeneralPointsTask):
-    """The small variant the hand-worked cases below use (3 cards, target 12): every number here is checkable by hand."""
+    """The one-target variant the hand-worked cases below use (3 cards, target 12): every number is checkable by hand."""
 
     n_cards = 3
-    target = 12
+    targets = (12,)
 
 
 TASK = ThreeCardsTo12()
@@ -58,19 +58,31 @@ def test_prompt_format() -> None:
 
 def test_split_sizes() -> None:
     # 150 of the 455 three-card hands reach 12 under j=q=k=10, cut 46/58/46 (by value multiset, weighted);
-    # 86 of the 235 hands holding a face card reach 12 under j=11 q=12 k=13
+    # 86 of the 235 hands holding a face card reach 12 under j=11 q=12 k=13: 22 join pretrain, 64 are the ood split
     sizes = {split: len(TASK.examples(split)) for split in TASK.splits}
-    assert sizes == {"pretrain": 46, "train": 58, "test": 46, "ood": 86}
+    assert sizes == {"pretrain": 46 + 22, "train": 58, "test": 46, "ood": 64}
+    assert sum(e.meta["rule"] == "ood" for e in TASK.examples("pretrain")) == 22
 
 
-def test_registered_task_is_four_cards_to_24() -> None:
+def test_registered_task_is_three_cards_to_10_through_24() -> None:
     task = tasks.get("gpoints")
-    assert (task.n_cards, task.target) == (4, 24)
+    assert (task.n_cards, task.targets) == (3, tuple(range(10, 25)))
     sizes = {split: len(task.examples(split)) for split in task.splits}
-    assert sizes == {"pretrain": 369, "train": 496, "test": 371, "ood": 796}
-    e = task.examples("test", 1)[0]
+    assert sizes == {"pretrain": 698, "train": 652, "test": 492, "ood": 616}
+    assert sum(e.meta["rule"] == "ood" for e in task.examples("pretrain")) == 206
+    for split in task.splits:
+        for e in task.examples(split, 40):
+            assert 10 <= e.meta["target"] <= 24 and len(e.prompt.split(",")[0].split()) == 4
+            assert all(task.reward(e.prompt, a) == 1.0 for a in e.answers)
+
+
+def test_classic_game_is_a_subclass_away() -> None:
+    class Classic(GeneralPointsTask):
+        n_cards, targets = 4, (24,)
+
+    e = Classic().examples("test", 1)[0]
     assert e.prompt.endswith(", j=q=k=10, make 24") and len(e.prompt.split(",")[0].split()) == 5
-    assert all(task.reward(e.prompt, a) == 1.0 for a in e.answers)
+    assert all(Classic().reward(e.prompt, a) == 1.0 for a in e.answers)
 
 
 def test_splits_are_disjoint_including_value_twins() -> None:
@@ -100,8 +112,14 @@ def test_examples_are_deterministic_and_seed_orders_them() -> None:
 
 
 def test_rules_in_and_out_of_distribution() -> None:
+    ood_values = {tuple(sorted(e.meta["values"])) for e in TASK.examples("ood")}
+    for e in TASK.examples("pretrain"):  # the OOD rule's pretraining slice: value multisets the ood split never has
+        if e.meta["rule"] == "ood":
+            assert ", j=11 q=12 k=13, make 12" in e.prompt and tuple(sorted(e.meta["values"])) not in ood_values
     for split in ("pretrain", "train", "test"):
         for e in TASK.examples(split):
+            if e.meta["rule"] == "ood":
+                continue
             assert ", j=q=k=10, make 12" in e.prompt
             assert e.meta["values"] == tuple(min(r, 10) for r in _ranks(e.meta["cards"]))
             assert max(e.meta["values"]) <= 10

@@ -131,11 +131,11 @@ def test_local_sweep_retries_a_failed_run_once_and_skips_finished_runs(tmp_path,
     real = retain.runner.run_experiment
     calls: list[str] = []
 
-    def flaky(cfg, out, progress=None):
+    def flaky(cfg, out, progress=None, **kwargs):
         calls.append(cfg.name)
         if cfg.seed == 1 and calls.count(cfg.name) == 1:
             raise RuntimeError("injected failure")
-        return real(cfg, out, progress)
+        return real(cfg, out, progress, **kwargs)
 
     monkeypatch.setattr(retain.runner, "run_experiment", flaky)
     events: list[tuple[str, str]] = []

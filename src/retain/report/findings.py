@@ -149,6 +149,21 @@ def _desc(name: str, g: dict[str, Any], metric: str, scale: float) -> str:
     return f"{name} {fmt_stat(g['stats'].get(metric), scale)} (lr {fmt_lr(g['lr'])}, {g['n_seeds']} seeds)"
 
 
+def at_equal_lrs(agg: dict[str, Any], a: str, b: str, metric: str, scale: float) -> str:
+    """``a − b`` on ``metric`` at every learning rate both methods ran (context beside the operating-point verdict:
+    forgetting depends on the learning rate at least as much as on the method, SPEC §2.4); "" when they share none."""
+    lrs_a = {g["lr"] for g in agg["groups"] if g["method"] == a}
+    parts = []
+    for lr in sorted(lr for lr in {g["lr"] for g in agg["groups"] if g["method"] == b} & lrs_a if lr is not None):
+        ga, gb = group(agg, a, lr), group(agg, b, lr)
+        va, vb = _values(ga, metric), _values(gb, metric)
+        if va and vb:
+            c = contrast(va, vb)
+            parts.append(f"lr {fmt_lr(lr)}: {fmt_stat(ga['stats'][metric], scale)} vs "
+                         f"{fmt_stat(gb['stats'][metric], scale)}, d = {fmt_ci(c['d'], c['low'], c['high'], scale)}")
+    return f"; at equal learning rates ({a} vs {b}): " + "; ".join(parts) if parts else ""
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # the findings
 
@@ -170,7 +185,7 @@ def compare_methods(
     head = f"{label}: {_desc(a, gs[a], metric, scale)} vs {_desc(b, gs[b], metric, scale)}"
     if c is None:
         return _finding(fid, claim, paper, f"{head}; {metric} not reported", INCONCLUSIVE, rule)
-    measured = f"{head}; d = {fmt_ci(c['d'], c['low'], c['high'], scale)}"
+    measured = f"{head}; d = {fmt_ci(c['d'], c['low'], c['high'], scale)}" + at_equal_lrs(agg, a, b, metric, scale)
     if why:
         return _finding(fid, claim, paper, f"{measured}; {why}", INCONCLUSIVE, rule, d=c)
     outcome = side(c["low"], c["high"], expect)
@@ -209,7 +224,8 @@ def finding_prior_drop(agg: dict[str, Any]) -> dict[str, Any]:
     d, c = contrast(a, b), contrast(a, b, k)
     measured = (f"prior drop (pts): {_desc('sft', gs['sft'], 'prior_drop', scale)} vs "
                 f"{_desc('grpo', gs['grpo'], 'prior_drop', scale)}; d = {fmt_ci(d['d'], d['low'], d['high'], scale)}; "
-                f"sft − {k:g}·grpo = {fmt_ci(c['d'], c['low'], c['high'], scale)}")
+                f"sft − {k:g}·grpo = {fmt_ci(c['d'], c['low'], c['high'], scale)}"
+                + at_equal_lrs(agg, "sft", "grpo", "prior_drop", scale))
     few = _few(gs, "prior_drop")
     if few:
         return _finding("2", claim, paper, f"{measured}; {few}", INCONCLUSIVE, rule, d=d, c=c)

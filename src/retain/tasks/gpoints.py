@@ -1,21 +1,26 @@
-"""GeneralPoints (Chu et al., "SFT Memorizes, RL Generalizes", arXiv 2501.17161) at the paper's size: four cards,
-target 24.
+"""GeneralPoints (Chu et al., "SFT Memorizes, RL Generalizes", arXiv 2501.17161), scaled down for a tiny model:
+three cards and a target between 10 and 24 (the paper: four cards, always 24).
 
-Four cards, ranks a (1), 2..10, j, q, k, shown in rank order; write an expression over the card *values* that
-uses each value exactly once with ``+ - * /`` and brackets and equals 24. Prompts (at most 40 characters)::
+Three cards, ranks a (1), 2..10, j, q, k, shown in rank order; write an expression over the card *values* that
+uses each value exactly once with ``+ - * /`` and brackets and equals the target. Prompts (at most 40 characters)::
 
-    cards 2 3 5 6, j=q=k=10, make 24        in-distribution rule: j, q, k count as 10   answer e.g. 2*3*5-6
-    cards 2 3 5 k, j=11 q=12 k=13, make 24  OOD rule (split ood): j, q, k count as 11/12/13
+    cards 4 7 k, j=q=k=10, make 12        in-distribution rule: j, q, k count as 10     answer e.g. 4*(10-7)
+    cards 2 3 k, j=11 q=12 k=13, make 12  OOD rule: j, q, k count as 11/12/13           answer e.g. 13-3+2
 
-``n_cards`` and ``target`` are class attributes: a subclass with 3 cards and target 12 makes an easier variant
-(24 with three cards is reachable for only 22% of hands). Split sizes at 4 cards / 24: pretrain 369, train 496,
-test 371, ood 796 hands, with many distinct answers each (SFT target selection has a real choice).
+Why scaled down: the embedded 1.6 M-parameter model solved 1.2% of four-card "make 24" hands after pretraining
+(pass@16 18%), too little for RL to learn from in a demo's budget. SPEC §4 allows fewer cards and another target
+as long as the rule shift stays; a target range (``targets``, like Countdown's) keeps the space large enough for
+disjoint splits with three cards (a single target leaves ~150 solvable hands). ``n_cards`` and ``targets`` are
+class attributes: ``class Classic(GeneralPointsTask): n_cards = 4; targets = (24,)`` is the paper's game.
 
-Splits. ``pretrain``, ``train`` and ``test`` hold in-distribution hands, cut 30/40/30 by ``hash_partition`` over
-the hands' *value* multisets (each weighted by the card hands it stands for), so "j 2 10" and "q 2 10" (the same
-puzzle under j=q=k=10) always share a split and no hand crosses splits. ``ood`` holds every solvable hand with at least one face card, under the OOD rule. Each split is
-every solvable hand of its part of the space (the exact solver decides); ``examples`` draws them in seeded order,
-which is drawing hands until one is solvable, without repeats.
+Splits (sizes with the defaults: pretrain 698 (206 of them under the OOD rule), train 652, test 492, ood 616
+prompts; 4.8 answers each on average).
+In-distribution prompts are every (hand, target) pair solvable under j=q=k=10, cut 30/40/30 by ``hash_partition``
+over the hands' *value* multisets (weighted by their prompts), so "j 2 10" and "q 2 10" (the same puzzle under
+j=q=k=10) always share a split and a held-out prompt's values were never trained on. The OOD prompts — every hand
+holding a face card, under j=11 q=12 k=13 — are cut the same way (by their values under that rule): a quarter joins
+``pretrain`` (the base model has seen the rule, as the paper's base model scores 11.5% on it before any training)
+and the rest is the ``ood`` split, whose value multisets never appear in pretraining under that rule.
 
 Reward (``expr.score``, after ``clip_completion``; ``answer`` is ignored): 1.0 correct (exactly the hand's values,
 as a multiset, equal to the target); 0.2 a legal expression with exactly those values but another value; 0.1 a legal
@@ -61,33 +66,38 @@ def prompt_for(ranks: tuple[int, ...], rule: str, target: int) -> str:
     return f"cards {cards}, {RULES[rule][0]}, make {target}"
 
 
+OOD_PRETRAIN_SHARE = 0.25  # of the OOD-rule prompts (by value multiset), seen in pretraining
+
+
 class GeneralPointsTask(PuzzleTask):
     name = "gpoints"
-    description = "make 24 from 4 cards with + - * / (j=q=k=10; ood: j=11 q=12 k=13)"
+    description = "make 10..24 from 3 cards with + - * / (j=q=k=10; ood: j=11 q=12 k=13)"
     ops = ALL_OPS
-    target = 24
-    n_cards = 4
+    n_cards = 3
+    targets: tuple[int, ...] = tuple(range(10, 25))
+
+    def puzzles(self, ranks: tuple[int, ...], rule: str) -> list[Puzzle]:
+        """The prompts of one card hand under ``rule``: one per target its values reach."""
+        vals = values(ranks, rule)
+        meta = {"cards": tuple(card_name(r) for r in ranks), "values": vals, "rule": rule}
+        return [Puzzle(prompt_for(ranks, rule, t), vals, t, meta) for t in self.targets if reaches(vals, t, self.ops)]
 
     def build_pools(self) -> dict[str, list[Puzzle]]:
         hands = list(combinations_with_replacement(RANKS, self.n_cards))  # sorted rank tuples
-
-        def solvable(ranks: tuple[int, ...], rule: str) -> bool:
-            return reaches(values(ranks, rule), self.target, self.ops)
-
-        def puzzle(ranks: tuple[int, ...], rule: str) -> Puzzle:
-            meta = {"cards": tuple(card_name(r) for r in ranks), "values": values(ranks, rule), "rule": rule}
-            return Puzzle(prompt_for(ranks, rule, self.target), values(ranks, rule), self.target, meta)
-
-        in_dist = [h for h in hands if solvable(h, "id")]
-        by_values: dict[tuple[int, ...], list[tuple[int, ...]]] = {}
-        for h in in_dist:
-            by_values.setdefault(tuple(sorted(values(h, "id"))), []).append(h)
-        split_of = hash_partition(list(by_values), salt="gpoints", weight=lambda v: len(by_values[v]))
         pools: dict[str, list[Puzzle]] = {name: [] for name in self.splits}
-        for h in in_dist:
-            pools[split_of[tuple(sorted(values(h, "id")))]].append(puzzle(h, "id"))
-        pools["ood"] = [puzzle(h, "ood") for h in hands if any(r in FACES for r in h) and solvable(h, "ood")]
-        return pools
+        for rule, shares in (("id", None), ("ood", (("pretrain", OOD_PRETRAIN_SHARE), ("ood", 1 - OOD_PRETRAIN_SHARE)))):
+            chosen = hands if rule == "id" else [h for h in hands if any(r in FACES for r in h)]
+            by_values: dict[tuple[int, ...], list[Puzzle]] = {}
+            for h in chosen:
+                by_values.setdefault(tuple(sorted(values(h, rule))), []).extend(self.puzzles(h, rule))
+            keys = [v for v, ps in by_values.items() if ps]
+            weight = lambda v: len(by_values[v])  # noqa: E731
+            split_of = hash_partition(keys, salt="gpoints" if rule == "id" else "gpoints-ood", weight=weight, **({"shares": shares} if shares else {}))
+            for v in keys:
+                pools[split_of[v]].extend(by_values[v])
+        # a fixed order within each split (hands, then targets, in-distribution before OOD in pretrain)
+        return {name: sorted(pool, key=lambda p: (p.meta["rule"] != "id", p.numbers, p.target, p.prompt))
+                for name, pool in pools.items()}
 
     def read_prompt(self, prompt: str) -> tuple[tuple[int, ...], int] | None:
         match = _PROMPT.search(prompt)
