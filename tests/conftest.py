@@ -32,3 +32,12 @@ def micro_model(tokenizer):
         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
     )
     return Qwen2ForCausalLM(cfg)
+
+
+@pytest.fixture()
+def micro_dir(tmp_path, micro_model, tokenizer):
+    """``micro_model`` saved as a HF model directory (weights + tokenizer), for runs that load a model by path."""
+    path = tmp_path / "micro"
+    micro_model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path

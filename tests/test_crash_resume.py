@@ -186,14 +186,6 @@ def test_kill_between_the_checkpoint_renames_keeps_the_older_checkpoint(micro_mo
 # ---------------------------------------------------------------------------------------------- the runner
 
 
-@pytest.fixture()
-def micro_dir(tmp_path, micro_model, tokenizer) -> Path:
-    path = tmp_path / "micro"
-    micro_model.save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
-
-
 def _experiment(model_dir: Path, checkpoint_every=None) -> dict:
     train = {"lr": 1e-2, "log_every": 1, **({"checkpoint_every": checkpoint_every} if checkpoint_every else {})}
     return {

@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import copy
 import threading
-from pathlib import Path
 
-import pytest
 import torch
 
 from retain.config import parse_experiment
@@ -65,14 +63,6 @@ def test_concurrent_callers_compute_once(micro_model, tmp_path):
     for t in threads:
         t.join()
     assert len(calls) == 1 and sorted(hit for _, hit in rows) == [False, True]
-
-
-@pytest.fixture()
-def micro_dir(tmp_path, micro_model, tokenizer) -> Path:
-    path = tmp_path / "micro"
-    micro_model.save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
 
 
 def test_runs_sharing_a_start_share_row_zero(micro_dir, tmp_path):

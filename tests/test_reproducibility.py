@@ -21,14 +21,6 @@ from retain.runner import run_experiment
 COMPARED = ("tasks", "eval_tasks", "matrix", "eval_n", "metrics", "shift")
 
 
-@pytest.fixture()
-def micro_dir(tmp_path, micro_model, tokenizer) -> Path:
-    path = tmp_path / "micro"
-    micro_model.save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
-
-
 def experiment(model_dir: Path, method: str, seed: int = 3) -> dict:
     spec = {"name": "sft", "batch_size": 4, "train": {"lr": 1e-2, "log_every": 1}} if method == "sft" else \
         {"name": "grpo", "data": {"prompts_per_step": 2, "group_size": 4}, "max_new_tokens": 6,

@@ -20,14 +20,6 @@ from retain.runner import run_experiment
 RESULT_KEYS = {"config", "seeds", "versions", "tasks", "eval_tasks", "matrix", "metrics", "shift"}
 
 
-@pytest.fixture()
-def micro_dir(tmp_path, micro_model, tokenizer) -> Path:
-    path = tmp_path / "micro"
-    micro_model.save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
-
-
 def experiment(model_dir: Path, method="sft", steps=4) -> dict:
     return {
         "name": "t",

@@ -24,14 +24,6 @@ from retain.streaming import StreamObjective, eval_points
 RESULT_KEYS = {"config", "seeds", "versions", "tasks", "eval_tasks", "matrix", "metrics", "shift", "stream", "mode"}
 
 
-@pytest.fixture()
-def micro_dir(tmp_path, micro_model, tokenizer) -> Path:
-    path = tmp_path / "micro"
-    micro_model.save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
-
-
 def experiment(model_dir: Path, steps=(5, 4), eval_every=2, shift_prompts=4, method=None) -> dict:
     return {
         "name": "s",
