@@ -1,13 +1,15 @@
 """``retain demo``: the seed's story on the embedded model — which methods forgot, by how much, and why.
 
-The default sequence (GeneralPoints → KG composition → Countdown) is run under every demo method, for several
-seeds and a small learning-rate sweep per method (SPEC §2.4: one learning rate per method proves nothing), as
-independent runs in worker processes (one torch thread each: on a small model two single-thread workers beat one
-two-thread process). Then the confident-conflict token analysis of each task's SFT targets under the base model,
+The preset's sequence (default and quick: GeneralPoints → Countdown; full: GeneralPoints → KG composition →
+Countdown) is run under every demo method, for several seeds and a learning-rate sweep (SPEC §2.4: one learning
+rate per method proves nothing), as independent runs in worker processes (one torch thread each: on a small model
+two single-thread workers beat one two-thread process); the runs share the base model's evaluation row
+(``DIR/eval_cache``). Then the confident-conflict token analysis of each task's SFT targets under the base model,
 and the report. Everything lands in one directory:
 
     DIR/demo.json            the plan, the runs, token summaries, wall time, peak memory
     DIR/runs/<method>_lr<lr>_s<seed>/   one continual run each (results.json, steps.jsonl, stage checkpoints)
+    DIR/eval_cache/          the starting evaluation rows, one per seed (retain.eval_cache)
     DIR/report.html, report.md, report_files/
 
 Re-running resumes: finished runs are read back, interrupted ones resume after their last finished stage.
