@@ -4,7 +4,8 @@ each — no exception escapes, no code runs, and the work per completion is boun
 A completion is whatever a model wrote, so the strategies mix arbitrary unicode, near misses of real answers,
 operator soup, huge numbers, deep brackets, code-injection strings and very long text. While the rewards run,
 ``eval``/``exec``/``os.system``/``subprocess.Popen``/``pickle.loads`` are replaced by traps that record any call, and a
-sentinel file a successful injection would create must not appear. Each call is timed; the slowest is bounded.
+sentinel file a successful injection would create must not appear. Each call's work is metered without a clock —
+the Python function calls it makes, counted by a profile hook — and bounded (the same count on any machine).
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import builtins
 import os
 import pickle
 import subprocess
-import time
+import sys
 from collections import Counter
 from contextlib import contextmanager
 from pathlib import Path
@@ -31,7 +32,7 @@ from retain.tasks.gpoints import GeneralPointsTask
 from retain.tasks.kg import parse_question
 
 CASES = 10_000
-SLOWEST_ALLOWED = 1.0  # seconds for one call, on a loaded 2-core machine (typical: well under a millisecond)
+MAX_CALLS = 20_000  # Python calls one reward / parser call may make (the heaviest input seen makes ~170)
 SENTINEL = Path(os.environ.get("TMPDIR", "/tmp")) / f"retain-pwned-{os.getpid()}"
 
 TASKS = {name: tasks.get(name) for name in tasks.names()}
@@ -105,24 +106,59 @@ class Traps:
             builtins.eval, builtins.exec, os.system, subprocess.Popen, pickle.loads = saved
 
 
+class WorkLimitExceeded(AssertionError):
+    pass
+
+
+def metered(fn, *args) -> tuple[object, int]:
+    """``(fn(*args), the Python function calls it made)``; a call past ``MAX_CALLS`` is stopped with
+    ``WorkLimitExceeded`` (raised from the profile hook), so runaway work fails the test instead of hanging it."""
+    count = 0
+
+    def hook(frame, event, arg):
+        nonlocal count
+        if event == "call":
+            count += 1
+            if count > MAX_CALLS:
+                raise WorkLimitExceeded(f"{getattr(fn, '__qualname__', fn)} made more than {MAX_CALLS:,} calls")
+
+    previous = sys.getprofile()
+    sys.setprofile(hook)
+    try:
+        out = fn(*args)
+    finally:
+        sys.setprofile(previous)
+    return out, count
+
+
+def test_the_meter_stops_runaway_work():
+    def runaway():
+        while True:
+            abs(-1)  # a C call: not counted
+            (lambda: None)()  # a Python call: counted
+
+    with pytest.raises(WorkLimitExceeded):
+        metered(runaway)
+    assert sys.getprofile() is None  # the hook is gone afterwards
+    assert metered(lambda x: x + 1, 1) == (2, 1)
+
+
 class Tally:
-    """Cases run and the slowest call, per function under test (the figures the closing note quotes)."""
+    """Cases run and the most work one call took, per function under test (the figures the closing note quotes)."""
 
     def __init__(self) -> None:
         self.cases: Counter[str] = Counter()
-        self.slowest: dict[str, float] = {}
+        self.heaviest: dict[str, int] = {}
 
-    def timed(self, name: str, fn, *args):
-        started = time.perf_counter()
-        out = fn(*args)
-        spent = time.perf_counter() - started
+    def run(self, name: str, fn, *args):
+        out, calls = metered(fn, *args)
         self.cases[name] += 1
-        self.slowest[name] = max(self.slowest.get(name, 0.0), spent)
-        assert spent < SLOWEST_ALLOWED, f"{name} took {spent:.3f} s on one input"
+        self.heaviest[name] = max(self.heaviest.get(name, 0), calls)
         return out
 
     def report(self, request) -> None:
-        lines = [f"{name}: {n} cases, slowest {self.slowest[name] * 1e3:.2f} ms" for name, n in sorted(self.cases.items())]
+        lines = [f"{name}: {n} cases, heaviest {self.heaviest[name]:,} Python calls"
+                 for name, n in sorted(self.cases.items())]
         request.node.user_properties.append(("hostile", lines))
         print("\n" + "\n".join(lines))
 
@@ -153,9 +189,9 @@ def test_every_task_reward_survives_hostile_output(request):
         with traps.armed():
             for name, task in TASKS.items():
                 prompt = _prompt(name, pick)
-                reward = tally.timed(name, task.reward, prompt, completion, answer)
+                reward = tally.run(name, task.reward, prompt, completion, answer)
                 assert isinstance(reward, float) and 0.0 <= reward <= 1.0, (name, reward)
-                assert tally.timed(f"{name}.is_correct", task.is_correct, prompt, completion) in (True, False)
+                assert tally.run(f"{name}.is_correct", task.is_correct, prompt, completion) in (True, False)
 
     check()
     tally.report(request)
@@ -227,20 +263,20 @@ def test_every_parser_survives_hostile_text(dataset_tasks, request):
     @given(text=PARSER_TEXT)
     def check(text):
         with traps.armed():
-            tally.timed("expr.parse_with_numbers", expr, text)
-            tally.timed("expr.parse_with_numbers(+-*)", expr, text.replace("/", "*"))
-            number = tally.timed("dataset.last_number", last_number, text)
+            tally.run("expr.parse_with_numbers", expr, text)
+            tally.run("expr.parse_with_numbers(+-*)", expr, text.replace("/", "*"))
+            number = tally.run("dataset.last_number", last_number, text)
             assert number is None or (isinstance(number, float) and number == number and abs(number) != float("inf"))
-            clipped = tally.timed("clip_completion", clip_completion, text)
+            clipped = tally.run("clip_completion", clip_completion, text)
             assert len(clipped) <= MAX_COMPLETION_CHARS and "\n" not in clipped
-            parsed = tally.timed("kg.parse_question", parse_question, kg.world, text)
+            parsed = tally.run("kg.parse_question", parse_question, kg.world, text)
             assert parsed is None or parsed[0] in kg.world.people
             for name, task in (("gpoints.read_prompt", gp), ("countdown.read_prompt", cd)):
-                read = tally.timed(name, task.read_prompt, text)
+                read = tally.run(name, task.read_prompt, text)
                 assert read is None or (all(isinstance(n, int) for n in read[0]) and isinstance(read[1], int))
             for name, task in dataset_tasks.items():
                 for prompt in ("q1", "q3", text):
-                    assert tally.timed(name, task.reward, prompt, text) in (0.0, 1.0)
+                    assert tally.run(name, task.reward, prompt, text) in (0.0, 1.0)
 
     check()
     tally.report(request)
@@ -257,6 +293,5 @@ def test_worst_case_inputs_are_bounded(dataset_tasks):
     for text in big:
         for name, task in everything.items():
             for prompt, completion in [(OWN_PROMPTS.get(name, ["q3"])[0], text), (text, text)]:
-                started = time.perf_counter()
-                assert 0.0 <= task.reward(prompt, completion) <= 1.0
-                assert time.perf_counter() - started < SLOWEST_ALLOWED, (name, text[:20])
+                reward, _ = metered(task.reward, prompt, completion)  # raises past MAX_CALLS
+                assert 0.0 <= reward <= 1.0, (name, text[:20])
