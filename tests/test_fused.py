@@ -95,6 +95,25 @@ def test_left_padded_2d_mask(micro_model, tokenizer):
     assert torch.equal(logits0, logits1)  # SDPA with enable_gqa == repeat_kv + SDPA, bit for bit
 
 
+def test_llama_is_fused_and_equivalent(tokenizer):
+    """Llama (the real configs' Llama-3.2-1B) goes through the same fused classes: padded batch, 2-D mask."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from retain.models.fused import FusedLlamaAttention, FusedLlamaMLP, FusedLlamaRMSNorm
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, intermediate_size=64, max_position_embeddings=128,
+                      pad_token_id=tokenizer.pad_token_id)
+    model = LlamaForCausalLM(cfg)
+    ids, mask = left_pad([encode_prompt(tokenizer, p) for p in PROMPTS], tokenizer.pad_token_id)
+    _assert_equivalent(model, input_ids=encode_pairs(tokenizer, PAIRS).input_ids)
+    _assert_equivalent(model, input_ids=ids, attention_mask=mask)
+    layer = fuse(model).model.layers[0]
+    assert (type(layer.self_attn), type(layer.mlp), type(layer.input_layernorm)) == (
+        FusedLlamaAttention, FusedLlamaMLP, FusedLlamaRMSNorm)
+
+
 def test_4d_float_mask_with_positions(micro_model, tokenizer):
     """The packed GRPO layout: several completions after one prompt, a 4-D additive mask, restarting positions."""
     from retain.methods.grpo import packed_logp

@@ -76,8 +76,9 @@ class DemoPreset(BaseModel):
 
 # One learning-rate grid for every method, so methods are compared at equal learning rates as well as each at its
 # best (the operating point) and on its Pareto frontier (SPEC §2.4). The default grid was chosen from single-seed
-# pilot runs on the embedded base, before any demo, by where methods *learn* within the budget: at 1e-4 SFT gains
-# nothing in 25 steps, at 1e-3 every SFT-family method loses ~50 pts of prior skills and GRPO collapses too.
+# pilot runs and one 3-seed demo at 3e-4 / 1e-3, before the final demo, by where methods *learn* within the budget:
+# at 1e-4 SFT gained nothing in 25 steps (on the earlier base), at 3e-4 a few points; at 1e-3 every SFT-family
+# method loses ~45-55 pts of prior skills (GRPO collapsed at 1e-3 in a pilot on the earlier base).
 PRESETS = {
     "quick": DemoPreset(name="quick", seeds=[0], lrs={"sft": [5e-4], "grpo": [5e-4]}, sft_steps=15, grpo_steps=15,
                         eval_n=48, shift_prompts=16, token_examples=128, samples_per_prompt=1),
@@ -119,13 +120,12 @@ def _worker_init(threads: int) -> None:
     hf_logging.set_verbosity_error()
 
 
-def _run_one(config: dict[str, Any], out: str) -> tuple[str, float, float, int]:
+def _run_one(config: dict[str, Any], out: str, eval_cache: str) -> tuple[str, float, float, int]:
     from retain.config import parse_experiment
     from retain.runner import run_experiment
 
     started = time.perf_counter()
-    # every run starting from the base with the same seed shares its row 0 (retain.eval_cache)
-    run_experiment(parse_experiment(config, config["name"]), out, eval_cache=Path(out).parent.parent / "eval_cache")
+    run_experiment(parse_experiment(config, config["name"]), out, eval_cache=eval_cache)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     return config["name"], time.perf_counter() - started, peak, os.getpid()
 
@@ -179,7 +179,7 @@ def run_demo(
     worker_peaks: dict[int, float] = {}
     ctx = mp.get_context("spawn")
     with ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=_worker_init, initargs=(1,)) as pool:
-        futures = {pool.submit(_run_one, r["config"], str(out / r["dir"])): r for r in pending}
+        futures = {pool.submit(_run_one, r["config"], str(out / r["dir"]), str(out / "eval_cache")): r for r in pending}
         while futures:
             finished, _ = wait(futures, return_when=FIRST_COMPLETED)
             for future in finished:

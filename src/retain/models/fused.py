@@ -41,7 +41,8 @@ noise: matmuls and SDPA are ~80-85 % of the step's op time, the pieces fused her
 Python/autograd calls); GRPO's packed log-probs (64 completions) 1.02x; the ``small`` preset at 128 x 64 tokens,
 whose elementwise passes run over tensors far larger than the caches, 1.07x. At 2 threads on the saturated machine
 both workloads gained ~1.16x, mostly from fewer OpenMP parallel regions waiting on a descheduled thread.
-Generation (KV-cache decoding) is unchanged within noise. The remaining elementwise time would need generated
+Generation (KV-cache decoding) is unchanged within noise. On the idle machine, 2 threads (what ``make bench`` uses):
+the embedded model's step 1.12x, the small preset's 1.06x (medians of 7 interleaved rounds). The remaining elementwise time would need generated
 kernels (``torch.compile``), which also works on a fused model.
 
 Equivalence: in float32 the forward outputs of norm and rotary are bit-identical to HF's, attention with
