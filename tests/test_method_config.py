@@ -26,6 +26,8 @@ EXPECTED_PARTS = {
     "ewc": ("offline", "nll", ["ewc"], False, False),
     "lora": ("offline", "nll", [], False, True),
     "multitask": ("multitask", "nll", [], False, False),
+    "sft_likely": ("offline", "nll", [], False, False),
+    "sft_unlikely": ("offline", "nll", [], False, False),
 }
 
 

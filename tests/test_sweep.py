@@ -60,6 +60,9 @@ def test_method_name_keeps_overrides_and_paths_reach_into_presets_and_lists():
     (run,) = expand(sweep_of(grid={"method": [{"name": "grpo", "data": {"group_size": 4}}]}))
     assert run.experiment.stage_method(0).data.group_size == 4
     assert "/" not in run.name and "{" not in run.name and run.name.startswith("method=")
+    assert run.name == "method=grpo"  # a whole method goes by its name
+    with pytest.raises(RetainError, match="same run name"):  # two methods of one name would share a directory
+        expand(sweep_of(grid={"method": [{"name": "grpo"}, {"name": "grpo", "data": {"group_size": 4}}]}))
 
 
 def test_run_names_are_readable_and_filesystem_safe():

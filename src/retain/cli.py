@@ -170,12 +170,16 @@ def compare(
 @app.command()
 def demo(
     out: Path = typer.Option(Path("runs/demo"), help="demo directory (re-running resumes it)"),
-    quick: bool = typer.Option(False, "--quick", help="a couple of minutes: one seed, one learning rate"),
-    full: bool = typer.Option(False, "--full", help="more seeds, learning rates and steps"),
-    methods: Optional[str] = typer.Option(None, help="comma-separated methods (default: the eight demo methods)"),
+    quick: bool = typer.Option(False, "--quick", help="a few minutes: one seed, two learning rates, SFT and GRPO"),
+    full: bool = typer.Option(False, "--full", help="8 seeds, 5 learning rates, 8 methods, GeneralPoints → Countdown (hours here)"),
+    methods: Optional[str] = typer.Option(None, help="comma-separated methods (default: the preset's)"),
     workers: int = typer.Option(2, min=1, help="runs in parallel (one torch thread each)"),
+    backend: str = typer.Option("local", help="where the runs execute: local (processes) or ray"),
+    address: Optional[str] = typer.Option(None, help="a Ray cluster to connect to (HOST:PORT; backend ray)"),
+    seeds: Optional[str] = typer.Option(None, help="comma-separated seeds replacing the preset's (e.g. 0,1)"),
+    lrs: Optional[str] = typer.Option(None, help="comma-separated learning rates replacing the preset's grid"),
 ) -> None:
-    """The main job: the default sequence under every method, seeds and an lr sweep, then the report."""
+    """The main job: the preset's methods × an lr grid × seeds as a sweep, then the report with its verdicts."""
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
@@ -205,9 +209,20 @@ def demo(
             console.log("writing the report")
 
     with bar:
-        summary = run_demo(out, preset, methods.split(",") if methods else None, workers, progress=update)
+        summary = run_demo(out, preset, methods.split(",") if methods else None, workers, progress=update,
+                           backend=backend, address=address, seeds=_numbers(seeds, int, "--seeds"),
+                           lrs=_numbers(lrs, float, "--lrs"))
     print((out / "report.md").read_text(encoding="utf-8"))
     print(f"report: {out / 'report.html'}  ({summary['wall_seconds']:.0f} s, peak memory ~{summary['peak_rss_mb']:.0f} MB)")
+
+
+def _numbers(text: Optional[str], kind: type, option: str) -> list | None:
+    if not text:
+        return None
+    try:
+        return [kind(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise RetainError(f"{option}: expected comma-separated numbers, got {text!r}") from None
 
 
 @app.command()

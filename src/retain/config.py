@@ -60,9 +60,47 @@ class StageConfig(_Strict):
 
 
 class EvalConfig(_Strict):
+    """What is evaluated before the first stage, inside each stage and after it (SPEC §3.2)."""
+
     tasks: list[str] = Field(default_factory=lambda: ["auto"])
-    n: int = Field(128, ge=1, description="prompts per evaluation task")
+    n: int | None = Field(128, ge=1, description="prompts per evaluation task (null: the whole split)")
+    n_per_task: dict[str, int | None] = Field(
+        default_factory=dict, description="prompts for named columns or tasks, overriding n (reverse: 300, say)"
+    )
     samples: int = Field(0, ge=0, le=MAX_SAMPLES, description="K for pass@K (0: greedy accuracy only)")
+    seed: int | None = Field(
+        None, ge=0, le=MAX_SEED, description="orders the prompts (and so the selection/test halves); null: the run's "
+        "seed. Fix it so every run and seed is evaluated on the same prompts",
+    )
+    checkpoints: int = Field(1, ge=1, le=1000, description="evaluations per stage, evenly spaced; the last at its end")
+    checkpoint_tasks: list[str] | None = Field(
+        None, description="columns evaluated at the in-stage checkpoints (null: every column)"
+    )
+    nll: list[str] = Field(
+        default_factory=list, description="tasks or groups ('prior') whose teacher-forced answer NLL is read with "
+        "their accuracy",
+    )
+
+    @field_validator("n_per_task")
+    @classmethod
+    def _positive_counts(cls, v: dict[str, int | None]) -> dict[str, int | None]:
+        for key, count in v.items():
+            if count is not None and count < 1:
+                raise ValueError(f"n_per_task[{key!r}]: expected at least 1 prompt, got {count}")
+        return v
+
+    def count(self, column: str) -> int | None:
+        """Prompts of one column: its own entry, its task's, else ``n``."""
+        for key in (column, column.partition("@")[0]):
+            if key in self.n_per_task:
+                return self.n_per_task[key]
+        return self.n
+
+    def checkpoint_steps(self, steps: int) -> list[int]:
+        """Steps after which a stage is evaluated: ``checkpoints`` evenly spaced, the stage's last step included."""
+        if steps == 0:
+            return [0]
+        return sorted({max(1, round(steps * i / self.checkpoints)) for i in range(1, self.checkpoints + 1)})
 
 
 class ShiftConfig(_Strict):
@@ -100,6 +138,8 @@ class ExperimentConfig(_Strict):
         for i in range(len(self.stages)):
             self.stage_method(i)  # raises naming stages[i].method
         self.eval_tasks()
+        self.checkpoint_columns()
+        self.nll_columns()
         return self
 
     def stage_method(self, i: int) -> MethodConfig:
@@ -143,6 +183,33 @@ class ExperimentConfig(_Strict):
         for t in self.stage_tasks():  # the accuracy matrix needs every stage task on its test split
             if t not in out:
                 out.insert(0, t)
+        return out
+
+    def checkpoint_columns(self) -> list[str]:
+        """The columns evaluated inside a stage: ``eval.checkpoint_tasks`` resolved like ``eval.tasks`` (every
+        stage task always among them), in ``eval_tasks`` order."""
+        if self.eval.checkpoint_tasks is None:
+            return self.eval_tasks()
+        wanted = set(self._resolve_columns(self.eval.checkpoint_tasks, "eval.checkpoint_tasks")) | set(self.stage_tasks())
+        return [c for c in self.eval_tasks() if c in wanted]
+
+    def nll_columns(self) -> list[str]:
+        """Columns whose answer NLL is read: the tasks ``eval.nll`` names, among the evaluated columns."""
+        names = set(self._resolve_columns(self.eval.nll, "eval.nll"))
+        return [c for c in self.eval_tasks() if c in names]
+
+    def _resolve_columns(self, items: list[str], where: str) -> list[str]:
+        out = []
+        for i, item in enumerate(items):
+            name, _, split = item.partition("@")
+            try:
+                names = task_registry.resolve(name)
+            except RetainError as err:
+                raise RetainError(f"{where}[{i}]: {err}") from None
+            out.extend(f"{t}@{split}" if split and split != "test" else t for t in names)
+        missing = [c for c in out if c not in self.eval_tasks()]
+        if missing:
+            raise RetainError(f"{where}: {', '.join(missing)} not among the evaluated columns (eval.tasks)")
         return out
 
 

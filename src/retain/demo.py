@@ -1,15 +1,20 @@
-"""``retain demo``: the seed's story on the embedded model — which methods forgot, by how much, and why.
+"""``retain demo``: the seed's story on the embedded model — which methods learned, which forgot, by how much, and
+whether the papers' verdicts hold at matched new-task gain (SPEC §2.4).
 
-The preset's sequence (default and quick: GeneralPoints → Countdown; full: GeneralPoints → KG composition →
-Countdown) is run under every demo method, for several seeds and a learning-rate sweep (SPEC §2.4: one learning
-rate per method proves nothing), as independent runs in worker processes (one torch thread each: on a small model
-two single-thread workers beat one two-thread process); the runs share the base model's evaluation row
-(``DIR/eval_cache``). Then the confident-conflict token analysis of each task's SFT targets under the base model,
-and the report. Everything lands in one directory:
+A preset is one experimental design (:class:`DemoPreset`): its methods × one log-spaced lr grid × seeds, every
+method with the same optimizer steps and warmup per stage, evaluated on the fixed full held-out splits (the same
+prompts for every run and seed, cut into a selection and a test half) at ``checkpoints`` points of every stage, with
+the prior skills' teacher-forced answer NLL beside their greedy accuracy. The plan is a ``retain sweep`` grid
+(:func:`demo_sweep`) run by the sweep's executors — local spawn processes (one torch thread each: on a small model
+two single-thread workers beat one two-thread process) or Ray (``backend="ray"``, a local cluster or ``address``);
+the runs share the base model's evaluation row. Then the confident-conflict token analysis of each task's SFT
+targets under the base model, and the report, whose verdicts are the declared table of
+:mod:`retain.report.matched`. Everything lands in one directory:
 
-    DIR/demo.json            the plan, the runs, token summaries, wall time, peak memory
-    DIR/runs/<method>_lr<lr>_s<seed>/   one continual run each (results.json, steps.jsonl, stage checkpoints)
-    DIR/eval_cache/          the starting evaluation rows, one per seed (retain.eval_cache)
+    DIR/demo.json            the plan, the runs, budgets, token summaries, wall time, peak memory
+    DIR/runs/<run-name>/     one continual run each (``method=grpo,method.train.lr=0.0001,seed=0``)
+    DIR/runs/sweep.json      the sweep's record: each run's status, attempts, errors and timings
+    DIR/runs/eval_cache/     the starting evaluation rows (retain.eval_cache)
     DIR/report.html, report.md, report_files/
 
 Re-running resumes: finished runs are read back, interrupted ones resume after their last finished stage.
@@ -17,12 +22,10 @@ Re-running resumes: finished runs are read back, interrupted ones resume after t
 
 from __future__ import annotations
 
-import multiprocessing as mp
 import os
 import platform
 import resource
 import time
-from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from pathlib import Path
 from typing import Any, Callable
 
@@ -30,104 +33,109 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from retain.errors import RetainError
 from retain.io import atomic_write_json
+from retain.sweep import SweepConfig, expand, run_sweep
 
-METHODS = ["sft", "grpo", "self_sft", "iterative_sft", "eaft", "conflict_sft", "replay", "multitask"]
-SEQUENCE = ["gpoints", "countdown"]  # the default and quick presets; --full adds the knowledge-graph stage between
-FULL_SEQUENCE = ["gpoints", "kg", "countdown"]
+METHODS = ["sft", "grpo"]  # the default and quick presets: the core contrast (finding 2) at matched gain
+FULL_METHODS = ["sft", "grpo", "self_sft", "iterative_sft", "eaft", "conflict_sft", "replay", "multitask",
+                "sft_likely", "sft_unlikely"]
+SEQUENCE = ["gpoints"]  # default and quick: one stage, where the core contrast is decided (Retaining's design)
+FULL_SEQUENCE = ["gpoints", "countdown"]  # --full: a sequence, for Lai's first-task forgetting (finding 1)
 
 
 class DemoPreset(BaseModel):
+    """One demo design. Every method gets the same optimizer steps per stage, the same warmup and the same
+    log-spaced lr grid (SPEC §2.4); evaluation uses the fixed full held-out splits (``eval_seed`` orders them the
+    same for every run and seed) at ``checkpoints`` points of every stage, with the prior skills' answer NLL."""
+
     model_config = ConfigDict(extra="forbid")
 
     name: str
     sequence: list[str] = Field(default_factory=lambda: list(SEQUENCE))
+    methods: list[str] = Field(default_factory=lambda: list(METHODS))
     seeds: list[int]
-    lrs: dict[str, list[float]]  # per method family: "sft" (every SFT-family method) and "grpo" (may differ)
-    sft_steps: int = Field(ge=1)
-    grpo_steps: int = Field(ge=1)
-    sft_batch: int = 32
-    grpo_prompts: int = 8
+    lrs: list[float] = Field(min_length=1)  # one grid for every method
+    steps: int = Field(ge=1)  # optimizer steps per stage, every method
+    warmup_steps: int = Field(4, ge=0)
+    checkpoints: int = Field(5, ge=1)
+    sft_batch: int = 32  # sequences per step (SFT family)
+    grpo_prompts: int = 16
     grpo_group: int = 8
-    eval_n: int = 64
+    reward: str = "binary"  # GRPO's reward: binary correctness, as Razor / Retaining / Huan (SPEC §2.4)
+    eval_seed: int = 0
+    n_per_task: dict[str, int | None] = Field(default_factory=lambda: {"reverse": 300, "gpoints@train": 300,
+                                                                       "countdown@train": 300})
     shift_prompts: int = 32
     token_examples: int = 256
-    samples_per_prompt: int = 2  # self-SFT and iterative SFT: samples of every training prompt
+    samples_per_prompt: int = 1  # self-SFT and iterative SFT: samples of every training prompt
+    replay_prior: float = 0.25  # replay: the share of each batch from the prior skills' data (ptx)
 
     def eval_columns(self) -> list[str]:
-        """Each stage task on held-out prompts and on its training prompts (apart, SPEC §2.4), the OOD splits the
-        findings read (GeneralPoints' rule shift, the knowledge graph's unseen compositions), and the prior skills.
-        Countdown's OOD split (four digits) is left out: the base model scores 0 there even at pass@16."""
+        """Each stage task on its full held-out split and on its training prompts (apart, SPEC §2.4), GeneralPoints'
+        rule-shift OOD split, and the prior skills. Countdown's OOD split (four digits) is left out: the base model
+        scores 0 there even at pass@16."""
         ood = [f"{t}@ood" for t in self.sequence if t in ("gpoints", "kg")]
         return [*self.sequence, *ood, "prior", *[f"{t}@train" for t in self.sequence]]
 
+    def budget(self, method: str) -> dict[str, Any]:
+        """What one stage gives ``method``: steps, and sequences per step (rollouts for GRPO)."""
+        per_step = self.grpo_prompts * self.grpo_group if method == "grpo" else self.sft_batch
+        return {"steps": self.steps, "warmup_steps": self.warmup_steps, "sequences_per_step": per_step,
+                "sequences": per_step * self.steps}
+
     def method_dict(self, method: str, lr: float) -> dict[str, Any]:
+        train = {"steps": self.steps, "lr": lr, "warmup_steps": self.warmup_steps, "log_every": 5}
         if method == "grpo":
-            return {"name": "grpo", "data": {"prompts_per_step": self.grpo_prompts, "group_size": self.grpo_group},
-                    "train": {"steps": self.grpo_steps, "lr": lr, "log_every": 5}}
-        # sampling every train prompt dominates these two methods' cost: samples_per_prompt sets it (1 per prompt
-        # keeps the ~25% the base solves of ~650 prompts in a quarter of the time of 4, with fewer distinct answers)
-        sampled = {"samples_per_prompt": self.samples_per_prompt}
-        extra: dict[str, Any] = {"data": sampled} if method in ("self_sft", "iterative_sft") else {}
-        if method == "iterative_sft":
-            extra["data"]["epoch_steps"] = max(1, self.sft_steps // 2)
-        return {"name": method, "batch_size": self.sft_batch, "train": {"steps": self.sft_steps, "lr": lr, "log_every": 5},
-                **extra}
+            return {"name": "grpo", "data": {"prompts_per_step": self.grpo_prompts, "group_size": self.grpo_group,
+                                             "reward": self.reward}, "train": train}
+        out: dict[str, Any] = {"name": method, "batch_size": self.sft_batch, "train": train}
+        if method in ("self_sft", "iterative_sft"):
+            out["data"] = {"samples_per_prompt": self.samples_per_prompt}
+            if method == "iterative_sft":
+                out["data"]["epoch_steps"] = max(1, self.steps // 2)
+        if method == "replay":
+            out["replay"] = {"prior_ratio": self.replay_prior}
+        return out
+
+    def experiment(self, name: str, method: str, lr: float, seed: int, base: str) -> dict[str, Any]:
+        return {
+            "name": name, "model": base, "seed": seed, "method": self.method_dict(method, lr),
+            "stages": [{"task": t} for t in self.sequence],
+            "eval": {"tasks": self.eval_columns(), "n": None, "n_per_task": dict(self.n_per_task),
+                     "seed": self.eval_seed, "checkpoints": self.checkpoints,
+                     "checkpoint_tasks": [*self.sequence, "prior"], "nll": ["prior"]},
+            "shift": {"prompts": self.shift_prompts, "samples": 1},
+        }
 
 
-# One learning-rate grid for every method, so methods are compared at equal learning rates as well as each at its
-# best (the operating point) and on its Pareto frontier (SPEC §2.4). The default grid was chosen from single-seed
-# pilot runs and one 3-seed demo at 3e-4 / 1e-3, before the final demo, by where methods *learn* within the budget:
-# at 1e-4 SFT gained nothing in 25 steps (on the earlier base), at 3e-4 a few points; at 1e-3 every SFT-family
-# method loses ~45-55 pts of prior skills (GRPO collapsed at 1e-3 in a pilot on the earlier base).
+# The grids below were chosen from single-seed pilots on GeneralPoints (the embedded base, 60 steps, full held-out
+# split, before any demo ran): GRPO (16 prompts × 8, binary reward) at lr 1e-4 gained +8.7 pts held-out with prior
+# NLL +0.0007 nats; SFT (32 sequences) at 3e-4 gained +4.5 pts held-out (+40 on its training prompts) with NLL +0.06
+# and 2 pts of prior accuracy lost; SFT at 1e-3 gained nothing held-out and lost 45 pts of prior accuracy. A grid
+# doubling from 1e-4 to 8e-4 spans both methods' useful range; the checkpoints give each lr its lr × steps curve.
 PRESETS = {
-    "quick": DemoPreset(name="quick", seeds=[0], lrs={"sft": [5e-4], "grpo": [5e-4]}, sft_steps=15, grpo_steps=15,
-                        eval_n=48, shift_prompts=16, token_examples=128, samples_per_prompt=1),
-    "default": DemoPreset(name="default", seeds=[0, 1, 2], lrs={"sft": [2e-4, 5e-4], "grpo": [2e-4, 5e-4]},
-                          sft_steps=25, grpo_steps=40, eval_n=96, samples_per_prompt=1),
-    "full": DemoPreset(name="full", sequence=list(FULL_SEQUENCE), seeds=[0, 1, 2, 3, 4],
-                       lrs={"sft": [1e-4, 3e-4, 1e-3], "grpo": [1e-4, 3e-4, 1e-3]}, sft_steps=60, grpo_steps=100,
-                       eval_n=128, shift_prompts=64, token_examples=512, samples_per_prompt=4),
+    "quick": DemoPreset(name="quick", seeds=[0], lrs=[2e-4, 8e-4], steps=20, checkpoints=4, shift_prompts=16,
+                        token_examples=128),
+    "default": DemoPreset(name="default", seeds=[0, 1, 2], lrs=[1e-4, 2e-4, 4e-4, 8e-4], steps=40),
+    "full": DemoPreset(name="full", sequence=list(FULL_SEQUENCE), methods=list(FULL_METHODS),
+                       seeds=list(range(8)), lrs=[5e-5, 1e-4, 2e-4, 4e-4, 8e-4], steps=80, checkpoints=8,
+                       shift_prompts=64, token_examples=512, samples_per_prompt=4),
 }
 
 
+def demo_sweep(preset: DemoPreset, methods: list[str], base: str = "base") -> SweepConfig:
+    """The demo's runs as a ``retain sweep`` grid: every method × every lr × every seed, one torch thread each."""
+    template = preset.experiment("demo", methods[0], preset.lrs[0], preset.seeds[0], base)
+    return SweepConfig(base=template, resources={"cpus": 1}, grid={
+        "method": [preset.method_dict(m, preset.lrs[0]) for m in methods],
+        "method.train.lr": list(preset.lrs),
+        "seed": list(preset.seeds),
+    })
+
+
 def plan(preset: DemoPreset, methods: list[str], base: str = "base") -> list[dict[str, Any]]:
-    """Every run of the demo as (name, experiment config dict)."""
-    runs = []
-    for method in methods:
-        for lr in preset.lrs["grpo" if method == "grpo" else "sft"]:
-            for seed in preset.seeds:
-                name = f"{method}_lr{lr:g}_s{seed}"
-                runs.append({"name": name, "method": method, "lr": lr, "seed": seed, "dir": f"runs/{name}", "config": {
-                    "name": name,
-                    "model": base,
-                    "seed": seed,
-                    "method": preset.method_dict(method, lr),
-                    "stages": [{"task": t} for t in preset.sequence],
-                    "eval": {"tasks": preset.eval_columns(), "n": preset.eval_n},
-                    "shift": {"prompts": preset.shift_prompts, "samples": 1},
-                }})
-    return runs
-
-
-def _worker_init(threads: int) -> None:
-    import torch
-
-    os.environ["HF_HUB_OFFLINE"] = os.environ.get("HF_HUB_OFFLINE", "1")
-    torch.set_num_threads(threads)
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.disable_progress_bar()
-    hf_logging.set_verbosity_error()
-
-
-def _run_one(config: dict[str, Any], out: str, eval_cache: str) -> tuple[str, float, float, int]:
-    from retain.config import parse_experiment
-    from retain.runner import run_experiment
-
-    started = time.perf_counter()
-    run_experiment(parse_experiment(config, config["name"]), out, eval_cache=eval_cache)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    return config["name"], time.perf_counter() - started, peak, os.getpid()
+    """Every run of the demo: its sweep run name, method, lr, seed and directory (``runs/<name>``)."""
+    return [{"name": r.name, "method": r.values["method"]["name"], "lr": r.values["method.train.lr"],
+             "seed": r.values["seed"], "dir": f"runs/{r.name}"} for r in expand(demo_sweep(preset, methods, base), "demo")]
 
 
 def token_analysis(base: str, n: int, tasks: list[str]) -> dict[str, Any]:
@@ -152,47 +160,52 @@ def run_demo(
     workers: int = 2,
     base: str = "base",
     progress: Callable[[str, dict[str, Any]], None] | None = None,
+    backend: str = "local",
+    address: str | None = None,
+    seeds: list[int] | None = None,
+    lrs: list[float] | None = None,
 ) -> dict[str, Any]:
-    """Run the demo into ``out`` and write its report; returns the demo summary (also ``out/demo.json``)."""
+    """Run the demo into ``out`` and write its report; returns the demo summary (also ``out/demo.json``).
+    ``seeds`` / ``lrs`` replace the preset's grid (the same design on fewer or more runs).
+
+    The runs go through :func:`retain.sweep.run_sweep`: ``backend="local"`` runs ``workers`` spawn processes
+    (one torch thread each), ``backend="ray"`` one Ray task per run on a local cluster or the one at ``address``."""
     from retain.analysis.tokens import ENTROPY_MAX, PROB_MAX
     from retain.models.loading import resolve_model_path
     from retain.report import build_report
 
     if preset not in PRESETS:
         raise RetainError(f"unknown demo preset {preset!r} (presets: {', '.join(PRESETS)})")
-    chosen = methods or METHODS
+    settings = PRESETS[preset]
+    if seeds or lrs:  # a reduced (or widened) grid of the same design
+        overrides = {k: v for k, v in (("seeds", seeds), ("lrs", lrs)) if v}
+        if any(lr <= 0 for lr in lrs or []):
+            raise RetainError(f"--lrs: learning rates must be positive, got {lrs}")
+        settings = settings.model_copy(update=overrides)
+    chosen = methods or settings.methods
     for m in chosen:
         from retain.methods.config import PRESETS as METHOD_PRESETS
 
         if m not in METHOD_PRESETS:
             raise RetainError(f"unknown method {m!r} for the demo (methods: {', '.join(METHOD_PRESETS)})")
     resolve_model_path(base)
-    settings = PRESETS[preset]
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     say = progress or (lambda event, data: None)
     started = time.perf_counter()
     runs = plan(settings, chosen, base)
     say("plan", {"runs": len(runs)})
-    pending = [r for r in runs if not (out / r["dir"] / "results.json").exists()]
-    say("done", {"count": len(runs) - len(pending)})
-    worker_peaks: dict[int, float] = {}
-    ctx = mp.get_context("spawn")
-    with ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=_worker_init, initargs=(1,)) as pool:
-        futures = {pool.submit(_run_one, r["config"], str(out / r["dir"]), str(out / "eval_cache")): r for r in pending}
-        while futures:
-            finished, _ = wait(futures, return_when=FIRST_COMPLETED)
-            for future in finished:
-                run = futures.pop(future)
-                try:
-                    name, seconds, worker_peak, pid = future.result()
-                except RetainError:
-                    raise
-                except Exception as err:  # a crashed run is reported; the others go on
-                    say("failed", {"name": run["name"], "error": f"{type(err).__name__}: {err}"})
-                    continue
-                worker_peaks[pid] = max(worker_peaks.get(pid, 0.0), worker_peak)
-                say("run_done", {"name": name, "seconds": seconds})
+    say("done", {"count": sum((out / r["dir"] / "results.json").exists() for r in runs)})
+
+    def relay(event: str, data: dict[str, Any]) -> None:
+        if event == "done":
+            say("run_done", {"name": data["name"], "seconds": data["seconds"]})
+        elif event == "failed" and not data.get("retry"):
+            say("failed", {"name": data["name"], "error": data.get("error")})
+
+    sweep = run_sweep(demo_sweep(settings, chosen, base), out / "runs", backend=backend, address=address,
+                      workers=workers, progress=relay)
+    worker_peaks = [r.get("peak_rss_mb") or 0.0 for r in sweep["runs"] if r["status"] == "done"]
     say("tokens", {})
     tokens = token_analysis(base, settings.token_examples, settings.sequence)
     main_peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
@@ -202,15 +215,18 @@ def run_demo(
         "sequence": settings.sequence,
         "methods": chosen,
         "seeds": settings.seeds,
-        "lrs": {m: settings.lrs["grpo" if m == "grpo" else "sft"] for m in chosen},
-        "runs": [{k: r[k] for k in ("name", "method", "lr", "seed", "dir")} for r in runs],
+        "lrs": {m: list(settings.lrs) for m in chosen},
+        "budgets": {m: settings.budget(m) for m in chosen},
+        "runs": runs,
         "tokens": tokens,
         "thresholds": {"entropy_max": ENTROPY_MAX, "prob_max": PROB_MAX},
         "wall_seconds": round(time.perf_counter() - started, 1),
-        # the processes run side by side: main + each worker's own peak bounds the machine's peak from above
-        "peak_rss_mb": round(main_peak + sum(worker_peaks.values()), 1),
-        "peak_rss_mb_per_process": {"main": round(main_peak, 1), "workers": [round(v, 1) for v in worker_peaks.values()]},
+        # the processes run side by side: main + workers × the largest worker peak bounds the machine's from above
+        "peak_rss_mb": round(main_peak + workers * max(worker_peaks, default=0.0), 1),
+        "peak_rss_mb_per_process": {"main": round(main_peak, 1), "worker_max": round(max(worker_peaks, default=0.0), 1)},
         "workers": workers,
+        "backend": backend,
+        "failed": sweep["failed"],
         "base_model": str(resolve_model_path(base)),
         "machine": f"{platform.machine()}, {os.cpu_count()} cores, {platform.platform()}",
     }

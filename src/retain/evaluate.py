@@ -3,7 +3,15 @@
 - accuracy: the share of prompts whose greedy completion is correct (``task.is_correct``).
 - pass@K: with K samples per prompt at temperature 1.0 (no top-k/top-p), the share of prompts with at least one
   correct sample — the unbiased estimator 1 − C(n−c, k)/C(n, k) with n = k samples (Chen et al. 2021).
-Prompts come from the task's ``test`` split unless another split is named; ``n`` caps their number.
+Prompts come from the task's ``test`` split unless another split is named; ``n`` caps their number (None: every
+prompt of the split — a fixed full split, the same prompts for every run when the seed is fixed too, SPEC §3.2).
+
+Per item: ``correct`` is a string of '0'/'1', one per prompt in evaluation order, so two rows of the same run (or of
+runs with the same evaluation seed) can be compared item by item (flips, SPEC §3.2). The items are divided into a
+**selection half** (even positions) and a **test half** (odd positions) of the seeded order: a checkpoint is chosen
+on the selection half and its gain is reported on the test half (SPEC §2.4).
+- answer NLL: the mean over items of −Σ_t log π(answer_t) teacher-forced (one forward per item, deterministic), and
+  per answer token; a continuous readout of a skill that greedy accuracy shows only once it breaks.
 """
 
 from __future__ import annotations
@@ -42,7 +50,8 @@ def evaluate_task(
     max_new = getattr(task, "max_new_tokens", DEFAULT_MAX_NEW_TOKENS)
     greedy = engine.generate(prompts, n=1, greedy=True, max_new_tokens=max_new)
     correct = [task.is_correct(e.prompt, text, e.answer) for e, text in zip(examples, greedy.texts)]
-    result: dict[str, Any] = {"accuracy": sum(correct) / max(1, len(correct)), "n": len(correct), "split": split}
+    result: dict[str, Any] = {"accuracy": sum(correct) / max(1, len(correct)), "n": len(correct), "split": split,
+                              **halves(correct), "correct": "".join("1" if c else "0" for c in correct)}
     if samples > 0:
         sampled = engine.generate(prompts, n=samples, temperature=1.0, max_new_tokens=max_new, seed=seed + 1)
         per_prompt = [0] * len(prompts)
@@ -52,6 +61,39 @@ def evaluate_task(
         result["k"] = samples
         result["sample_accuracy"] = sum(per_prompt) / max(1, len(prompts) * samples)
     return result
+
+
+def halves(correct: Sequence[bool]) -> dict[str, float | None]:
+    """Accuracy on the selection half (even positions) and the test half (odd positions) of the items."""
+    sel, test = correct[0::2], correct[1::2]
+    return {"selection": sum(sel) / len(sel) if sel else None, "test": sum(test) / len(test) if test else None}
+
+
+def answer_nll(
+    model: torch.nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    task_name: str,
+    n: int | None = None,
+    split: str = "test",
+    seed: int = 0,
+) -> dict[str, Any]:
+    """``{"nll", "nll_per_token", "n"}``: teacher-forced NLL of each item's reference answer (eos included)."""
+    from retain.scoring import answer_logprobs
+
+    examples = task_registry.get(task_name).examples(split, n, seed=seed)
+    per_item = answer_logprobs(model, tokenizer, [(e.prompt, e.answer) for e in examples])
+    tokens = sum(len(row) for row in per_item)
+    total = -sum(sum(row) for row in per_item)
+    return {"nll": total / max(1, len(per_item)), "nll_per_token": total / max(1, tokens), "n": len(per_item)}
+
+
+def flips(before: str, after: str) -> dict[str, int]:
+    """Per-item transitions between two evaluations of the same items (their ``correct`` strings): ``forgotten``
+    (correct before, wrong after) and ``learned`` (wrong before, correct after)."""
+    if len(before) != len(after):
+        raise ValueError(f"flips compare the same items: {len(before)} against {len(after)} answers")
+    return {"forgotten": sum(b == "1" and a == "0" for b, a in zip(before, after)),
+            "learned": sum(b == "0" and a == "1" for b, a in zip(before, after)), "n": len(before)}
 
 
 def evaluate(

@@ -46,7 +46,7 @@ from retain import tasks as task_registry
 from retain.config import ExperimentConfig
 from retain.errors import RetainError
 from retain.eval_cache import cached_row
-from retain.evaluate import DEFAULT_MAX_NEW_TOKENS, evaluate_task
+from retain.evaluate import DEFAULT_MAX_NEW_TOKENS, answer_nll, evaluate_task, flips
 from retain.io import (
     append_jsonl, atomic_write_json, atomic_write_text, fault_point, publish_dir, read_json, read_jsonl, remove_dir,
     verify_manifest, write_manifest,
@@ -56,7 +56,7 @@ from retain.methods.build import frozen_copy, train_stage
 from retain.methods.stage import MethodState
 from retain.metrics.shift import kl_shift, weight_l2
 from retain.rollout import make_engine
-from retain.train import seed_everything
+from retain.train import rng_preserved, seed_everything
 
 Progress = Callable[[str, dict[str, Any]], None]  # (event, data): "stage_start", "step", "eval", "stage_done", "warning"
 
@@ -105,21 +105,80 @@ def versions() -> dict[str, str]:
     }
 
 
-def evaluate_row(model, tokenizer, cfg: ExperimentConfig) -> dict[str, dict[str, Any]]:
+def eval_seed(cfg: ExperimentConfig) -> int:
+    """The seed that orders the evaluation prompts: ``eval.seed`` when fixed, else the run's seed."""
+    return cfg.seed if cfg.eval.seed is None else cfg.eval.seed
+
+
+def evaluate_row(model, tokenizer, cfg: ExperimentConfig, columns: list[str] | None = None) -> dict[str, dict[str, Any]]:
+    """One evaluation row: greedy accuracy (per item, and on the selection and test halves) of every column, pass@K
+    when asked, and the answer NLL of the ``eval.nll`` columns. ``columns``: a subset (the in-stage checkpoints')."""
     engine = make_engine(cfg.engine, model, tokenizer)
+    seed, nll = eval_seed(cfg), set(cfg.nll_columns())
     row = {}
-    for column in cfg.eval_tasks():
+    for column in columns or cfg.eval_tasks():
         fault_point("eval")
         name, _, split = column.partition("@")
-        row[column] = evaluate_task(engine, name, n=cfg.eval.n, samples=cfg.eval.samples, split=split or "test", seed=cfg.seed)
+        n = cfg.eval.count(column)
+        row[column] = evaluate_task(engine, name, n=n, samples=cfg.eval.samples, split=split or "test", seed=seed)
+        if column in nll:
+            row[column].update(answer_nll(model, tokenizer, name, n=n, split=split or "test", seed=seed))
     return row
 
 
 def eval_settings(cfg: ExperimentConfig) -> dict[str, Any]:
     """Everything besides the weights that an evaluation row depends on (the key of a shared row)."""
-    return {"columns": cfg.eval_tasks(), "n": cfg.eval.n, "samples": cfg.eval.samples, "seed": cfg.seed,
+    return {"columns": cfg.eval_tasks(), "n": {c: cfg.eval.count(c) for c in cfg.eval_tasks()},
+            "samples": cfg.eval.samples, "seed": eval_seed(cfg), "nll": cfg.nll_columns(),
             "engine": cfg.engine, "device": str(distributed.train_device(cfg.device)), "dtype": cfg.dtype,
             "mixed_precision": cfg.mixed_precision}
+
+
+class StagePoints:
+    """The in-stage checkpoint evaluations of one stage (``eval.checkpoints`` > 1), each kept as
+    ``stages/k/points/<step>.json`` when written so a stage resumed from a mid-stage checkpoint keeps the points it
+    had; ``on_step`` is the Trainer's hook. The evaluation runs with the training RNG state saved and restored, so
+    checkpoints change nothing about training."""
+
+    def __init__(self, cfg: ExperimentConfig, tokenizer, stage_dir: Path | None, steps: int, say: Progress) -> None:
+        self.cfg, self.tokenizer, self.dir, self.say = cfg, tokenizer, stage_dir, say
+        self.steps = set(cfg.eval.checkpoint_steps(steps)) - {steps}  # the stage's end is its row
+        self.columns = cfg.checkpoint_columns()
+
+    def keep_until(self, step: int) -> None:
+        """Drop the points after ``step`` (a resumed stage recomputes them)."""
+        if self.dir is None or not (self.dir / "points").is_dir():
+            return
+        for path in (self.dir / "points").glob("*.json"):
+            if not path.stem.isdigit() or int(path.stem) > step:
+                path.unlink()
+
+    def on_step(self, step: int, model: torch.nn.Module) -> None:
+        if step not in self.steps:
+            return
+        with rng_preserved():
+            model.eval()
+            row = evaluate_row(model, self.tokenizer, self.cfg, self.columns)
+        if self.dir is not None:
+            atomic_write_json(self.dir / "points" / f"{step}.json", {"step": step, "row": row})
+        self.say("checkpoint_eval", {"step": step})
+
+    def resume_at(self, step: int, model: torch.nn.Module, checkpoint_dir: Path) -> None:
+        """A stage resumed from its mid-stage checkpoint at ``step``: the Trainer saves a checkpoint before the hook
+        runs, so a kill in between leaves that step's point unwritten; it is evaluated from the checkpoint's weights."""
+        if step not in self.steps or self.dir is None or (self.dir / "points" / f"{step}.json").exists():
+            return
+        from safetensors.torch import load_model
+
+        at_step = frozen_copy(model)
+        load_model(at_step, str(checkpoint_dir / "model.safetensors"))
+        self.on_step(step, at_step)
+
+    def collected(self) -> list[dict[str, Any]]:
+        if self.dir is None or not (self.dir / "points").is_dir():
+            return []
+        points = [read_json(p) for p in (self.dir / "points").glob("*.json") if p.stem.isdigit()]
+        return sorted(points, key=lambda p: p["step"])
 
 
 def measure_shift(base, previous, model, tokenizer, task_name: str, cfg: ExperimentConfig, stage: int) -> dict[str, Any]:
@@ -300,12 +359,17 @@ def run_experiment(
                 append_jsonl(out / "steps.jsonl", {"stage": k + 1, "task": cfg.stages[k].task, **record})
                 say("step", {"stage": k + 1, **record})
 
+            points = StagePoints(cfg, tokenizer, stage_dir, method.train.steps, say)
+            points.keep_until(resume_step if k == done else 0)
+            if k == done and resume_step:
+                points.resume_at(resume_step, model, stage_dir / "checkpoint")
             seed_everything(cfg.seed * 1000 + k)
             model = train_stage(
                 model, tokenizer, task_name, method, stage_index=k, seen_tasks=cfg.stage_tasks()[:k], state=state,
                 seed=cfg.seed * 1000 + k, engine=cfg.engine, log=log, device=cfg.device,
                 mixed_precision=cfg.mixed_precision,
                 checkpoint_dir=stage_dir / "checkpoint" if method.train.checkpoint_every else None,
+                on_step=points.on_step,
             )
             train_seconds = time.perf_counter() - started
             say("eval", {"stage": k + 1})
@@ -316,10 +380,11 @@ def run_experiment(
             fault_point("stage_done")
             atomic_write_json(stage_dir / "stage.json", {
                 "stage": k + 1, "task": task_name, "method": method.model_dump(mode="json"), "row": row,
+                "steps": method.train.steps, "trajectory": points.collected(),
                 "shift": shift, "train_seconds": round(train_seconds, 2),
                 "total_seconds": round(time.perf_counter() - started, 2),
             })
-            for leftover in (stage_dir / "checkpoint", stage_dir / "checkpoint.old"):
+            for leftover in (stage_dir / "checkpoint", stage_dir / "checkpoint.old", stage_dir / "points"):
                 remove_dir(leftover)
             say("stage_done", {"stage": k + 1, "task": task_name, "row": row})
         results = collect_results(cfg, out)
@@ -360,11 +425,13 @@ def follow_experiment(cfg: ExperimentConfig, out: Path) -> dict[str, Any]:
         method = cfg.stage_method(k)
         previous = frozen_copy(model)
         seed_everything(cfg.seed * 1000 + k)
+        points = StagePoints(cfg, tokenizer, None, method.train.steps, lambda event, data: None)  # evaluates, writes nothing
         model = train_stage(
             model, tokenizer, cfg.stages[k].task, method, stage_index=k, seen_tasks=cfg.stage_tasks()[:k],
             state=state, seed=cfg.seed * 1000 + k, engine=cfg.engine, device=cfg.device,
             mixed_precision=cfg.mixed_precision,
             checkpoint_dir=stages_dir / str(k + 1) / "checkpoint" if method.train.checkpoint_every else None,
+            on_step=points.on_step,
         )
         evaluate_row(model, tokenizer, cfg)
         measure_shift(base, previous, model, tokenizer, cfg.stages[k].task, cfg, k + 1)
@@ -386,6 +453,10 @@ def results_from_rows(
     """results.json from the evaluation rows (before any stage, then after each) and each stage's shift."""
     eval_tasks = cfg.eval_tasks()
     matrix = [[row[c]["accuracy"] for c in eval_tasks] for row in rows]
+    trajectories = [
+        [{"step": 0, "row": rows[k]}, *s.get("trajectory", []), {"step": s.get("steps"), "row": rows[k + 1]}]
+        for k, s in enumerate(stage_files)
+    ]
     return {
         "config": cfg.model_dump(mode="json"),
         "seeds": {"run": cfg.seed, "stages": [cfg.seed * 1000 + k for k in range(len(cfg.stages))], "eval": cfg.seed},
@@ -397,7 +468,20 @@ def results_from_rows(
         "metrics": compute_metrics(cfg, eval_tasks, matrix),
         "shift": shift_table(stage_files),
         "train_seconds": train_seconds,
+        "flips": row_flips(rows[0], rows[-1]),
+        "trajectories": trajectories,
     }
+
+
+def row_flips(before: dict[str, Any], after: dict[str, Any]) -> dict[str, dict[str, int]]:
+    """Per column, the items forgotten (correct → wrong) and learned (wrong → correct) between two rows of a run."""
+    out = {}
+    for column, cell in after.items():
+        old = before.get(column, {}).get("correct")
+        new = cell.get("correct")
+        if isinstance(old, str) and isinstance(new, str) and len(old) == len(new):
+            out[column] = flips(old, new)
+    return out
 
 
 def compute_metrics(cfg: ExperimentConfig, eval_tasks: list[str], matrix: list[list[float]]) -> dict[str, Any]:

@@ -38,14 +38,11 @@ from __future__ import annotations
 
 import bisect
 import json
-import random
 import time
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
-import numpy as np
 import torch
 
 from retain import tasks as task_registry
@@ -60,7 +57,7 @@ from retain.runner import (
     _json_or_none, _save_model_dir, evaluate_row, measure_shift, prepare_run_dir, remove_temp_leftovers,
     results_from_rows, run_lock, warn,
 )
-from retain.train import Trainer, recover_checkpoint, seed_everything
+from retain.train import Trainer, recover_checkpoint, rng_preserved, seed_everything
 
 Progress = Callable[[str, dict[str, Any]], None]
 
@@ -159,17 +156,6 @@ class StreamObjective:
         return self.objectives[tagged.stage].loss(model, tagged.micro)
 
 
-@contextmanager
-def _rng_preserved() -> Iterator[None]:
-    """Evaluation must not change what training draws next (so resuming gives the same run)."""
-    py, npy = random.getstate(), np.random.get_state()
-    devices = list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
-    with torch.random.fork_rng(devices=devices):
-        yield
-    random.setstate(py)
-    np.random.set_state(npy)
-
-
 def _truncate_log(path: Path, last_step: int) -> None:
     """Drop training-log records past the checkpoint we resume from (they are about to be redone)."""
     if not path.exists():
@@ -235,7 +221,7 @@ class _Stream:
         stage = finishing[-1] + 1 if finishing else (self.stage_of(step) + 1 if step else 0)
         self.say("eval" if finishing or step == 0 else "stream_eval", {"stage": stage, "step": step})
         boundaries = []
-        with _rng_preserved():
+        with rng_preserved():
             row = evaluate_row(model, self.tokenizer, cfg)
             for k in finishing:
                 previous = self.previous_model(k)

@@ -184,6 +184,8 @@ def _set_path(data: dict[str, Any], key: str, value: Any) -> None:
 
 
 def _fmt(value: Any) -> str:
+    if isinstance(value, dict) and isinstance(value.get("name"), str):
+        return value["name"]  # a whole method (or any named part) goes by its name: method=grpo
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, float):

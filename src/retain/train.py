@@ -18,9 +18,9 @@ import math
 import os
 import random
 import shutil
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
-from typing import Any, Callable, Literal, Protocol
+from typing import Any, Callable, Iterator, Literal, Protocol
 
 import numpy as np
 import torch
@@ -66,6 +66,17 @@ class Objective(Protocol):
     def batches(self, step: int) -> list[Any]: ...
 
     def loss(self, model: torch.nn.Module, micro: Any) -> tuple[torch.Tensor, dict[str, float]]: ...
+
+
+@contextmanager
+def rng_preserved() -> Iterator[None]:
+    """Work inside (an evaluation) must not change what training draws next, so resuming gives the same run."""
+    py, npy = random.getstate(), np.random.get_state()
+    devices = list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
+    with torch.random.fork_rng(devices=devices):
+        yield
+    random.setstate(py)
+    np.random.set_state(npy)
 
 
 def seed_everything(seed: int) -> None:

@@ -105,9 +105,11 @@ def train_stage(
     log: Callable[[dict[str, Any]], None] | None = None,
     device: str = "auto",
     mixed_precision: str = "no",
+    on_step: Callable[[int, torch.nn.Module], None] | None = None,
 ) -> torch.nn.Module:
     """Train ``model`` on ``task_name`` with ``method``; returns the trained model (adapter merged if per-stage).
-    ``device`` (auto / cpu / cuda) and ``mixed_precision`` (no / bf16 / fp16) are the experiment config's."""
+    ``device`` (auto / cpu / cuda) and ``mixed_precision`` (no / bf16 / fp16) are the experiment config's;
+    ``on_step(step, model)`` runs after every optimizer step (the runner's in-stage checkpoint evaluations)."""
     cfg = method_config(method)
     state = state if state is not None else MethodState()
     model.to(_train_device(device))  # before the frozen copy, so the reference sits where the policy computes
@@ -121,7 +123,8 @@ def train_stage(
     objective = build_objective(cfg, ctx)
     train_cfg = cfg.train.model_copy(update={"seed": seed})
     accelerator = make_accelerator(device, mixed_precision)
-    model = Trainer(model, objective, train_cfg, checkpoint_dir=checkpoint_dir, log=log, accelerator=accelerator).run()
+    model = Trainer(model, objective, train_cfg, checkpoint_dir=checkpoint_dir, log=log, accelerator=accelerator,
+                    on_step=on_step).run()
     for reg in cfg.regularizers:
         if isinstance(reg, EWCReg):
             pairs = reference_pairs(ctx, task_name, "canonical", seed)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import copy
 from typing import Annotated, Any, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from retain.errors import RetainError
 from retain.train import TrainConfig
@@ -57,9 +57,15 @@ class IterativeData(_Strict):
 
 
 class OnPolicyData(_Strict):
-    """GRPO rollouts: ``group_size`` samples per prompt from the current policy every ``updates_per_batch`` steps."""
+    """GRPO rollouts: ``group_size`` samples per prompt from the current policy every ``updates_per_batch`` steps.
+
+    ``reward``: ``task`` scores with the task's own reward (shaped where the task shapes it: GeneralPoints and
+    Countdown give 0.2 / 0.1 to legal but wrong expressions); ``binary`` scores 1 for a correct completion and 0
+    otherwise, as Razor, Retaining and Huan do. Under group normalisation a shaped reward gives positive advantage
+    to wrong answers in groups with no correct sample (SPEC §2.4); the report names the reward a run used."""
 
     kind: Literal["on_policy"] = "on_policy"
+    reward: Literal["task", "binary"] = "task"
     group_size: int = Field(8, ge=2, le=MAX_SAMPLES)
     prompts_per_step: int = Field(16, ge=1, le=MAX_BATCH)
     temperature: float = Field(1.0, gt=0)
@@ -148,11 +154,32 @@ RegularizerConfig = Annotated[Union[KLRefReg, DistillReg, L2SPReg, EWCReg], Fiel
 
 
 class ReplayConfig(_Strict):
-    """Mix a buffer of earlier stages' reference data into every batch: ``ratio`` of each batch, buffer of ``size``
-    examples per earlier stage (reservoir of the stage's train split, seeded)."""
+    """Mix replayed data into every batch: ``ratio`` of each batch from a buffer of earlier stages' reference data
+    (``size`` examples per earlier stage, a seeded reservoir of its train split), and ``prior_ratio`` of it from
+    the prior skills' own training data (the pretraining mixture: the "general data mix" or ptx of LLaMA-Factory
+    and InstructGPT), which holds the prior skills from the first stage on."""
 
-    ratio: float = Field(0.25, gt=0, lt=1)
+    ratio: float = Field(0.25, ge=0, lt=1)
+    prior_ratio: float = Field(0.0, ge=0, lt=1)
+    prior_tasks: list[str] = Field(default_factory=lambda: ["prior"], description="tasks or groups replayed by prior_ratio")
     size: int = Field(512, ge=1, le=MAX_BATCH)
+
+    @field_validator("prior_tasks")
+    @classmethod
+    def _known_tasks(cls, v: list[str]) -> list[str]:
+        from retain import tasks as task_registry
+
+        try:
+            task_registry.resolve(v)
+        except RetainError as err:
+            raise ValueError(str(err)) from None
+        return v
+
+    @model_validator(mode="after")
+    def _shares(self) -> "ReplayConfig":
+        if self.ratio + self.prior_ratio <= 0 or self.ratio + self.prior_ratio >= 1:
+            raise ValueError(f"ratio + prior_ratio must be in (0, 1), got {self.ratio} + {self.prior_ratio}")
+        return self
 
 
 class AdapterConfig(_Strict):
@@ -212,6 +239,9 @@ PRESETS: dict[str, dict[str, Any]] = {
     "self_sft": {"data": {"kind": "self"}, "loss": {"kind": "nll"}, "train": _SFT_TRAIN},
     "iterative_sft": {"data": {"kind": "iterative"}, "loss": {"kind": "nll"}, "train": _SFT_TRAIN},
     "rl_sample_sft": {"data": {"kind": "self", "source_model": None}, "loss": {"kind": "nll"}, "train": _SFT_TRAIN},
+    # Razor's clean test (SPEC §2.4): the same SFT on the answers the base model finds most / least likely
+    "sft_likely": {"data": {"kind": "offline", "target": "likely"}, "loss": {"kind": "nll"}, "train": _SFT_TRAIN},
+    "sft_unlikely": {"data": {"kind": "offline", "target": "unlikely"}, "loss": {"kind": "nll"}, "train": _SFT_TRAIN},
     "eaft": {"data": {"kind": "offline"}, "loss": {"kind": "eaft"}, "train": _SFT_TRAIN},
     "conflict_sft": {"data": {"kind": "offline"}, "loss": {"kind": "conflict_masked"}, "train": _SFT_TRAIN},
     "kl_sft": {"data": {"kind": "offline"}, "loss": {"kind": "nll"}, "regularizers": [{"kind": "kl_ref"}], "train": _SFT_TRAIN},

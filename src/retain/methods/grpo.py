@@ -26,6 +26,7 @@ from retain.losses import aggregate, group_advantages, grpo_token_loss, token_lo
 from retain.methods.config import GRPOLoss, MethodConfig, OnPolicyData
 from retain.methods.stage import StageContext
 from retain.rollout import Rollout, make_engine
+from retain.tasks.base import CORRECT
 
 
 @dataclass
@@ -66,7 +67,7 @@ class GRPOObjective:
         rng = random.Random(ctx.seed * 1_000_003 + step)
         chosen = rng.sample(self.prompts, min(d.prompts_per_step, len(self.prompts)))
         roll = self._generate(chosen, ctx.seed * 1_000_003 + step)
-        rewards = [_scorable(ctx.task.reward(p, t)) for p, t in zip(roll.prompts, roll.texts)]
+        rewards = [_scorable(self._reward(p, t)) for p, t in zip(roll.prompts, roll.texts)]
         advantages = group_advantages(rewards, d.group_size, self.lossc.scale, self.lossc.adv_eps)
         correct = [r >= 1.0 for r in rewards]
         groups = torch.tensor(rewards, dtype=torch.float32).view(-1, d.group_size)
@@ -107,6 +108,13 @@ class GRPOObjective:
                 batch.ref_logp = self._logp(ctx.reference, batch)
             out.append(batch)
         return out
+
+    def _reward(self, prompt: str, text: str) -> float:
+        reward = self.ctx.task.reward(prompt, text)
+        if self.data.reward == "binary":  # an unscorable reward stays unscorable (advantage 0), not wrong
+            value = _scorable(reward)
+            return value if math.isnan(value) else float(value >= CORRECT)
+        return reward
 
     def _generate(self, prompts: list[str], seed: int) -> Rollout:
         d = self.data

@@ -117,17 +117,30 @@ class MultiTaskPairs:
 
 
 class WithReplay:
-    """``ratio`` of each batch drawn from the replay buffers of earlier stages (task-uniform)."""
+    """``ratio`` of each batch drawn from the replay buffers of earlier stages and ``prior_ratio`` from the prior
+    skills' training data (each task-uniform); the rest from the stage's own source."""
 
-    def __init__(self, inner: PairSource, buffers: dict[str, list[Pair]], ratio: float) -> None:
-        self.inner, self.ratio = inner, ratio
+    def __init__(self, inner: PairSource, buffers: dict[str, list[Pair]], ratio: float,
+                 prior: dict[str, list[Pair]] | None = None, prior_ratio: float = 0.0) -> None:
+        self.inner, self.ratio, self.prior_ratio = inner, ratio, prior_ratio
         self.buffers = {t: p for t, p in buffers.items() if p}
         self.names = sorted(self.buffers)
+        self.prior = {t: p for t, p in (prior or {}).items() if p}
+        self.prior_names = sorted(self.prior)
 
     def sample(self, rng: random.Random, k: int, step: int) -> list[Pair]:
         n_replay = round(self.ratio * k) if self.names else 0
+        n_prior = round(self.prior_ratio * k) if self.prior_names else 0
+        n_prior = min(n_prior, k - n_replay - 1)  # at least one example of the stage's own task per batch
         replayed = [rng.choice(self.buffers[rng.choice(self.names)]) for _ in range(n_replay)]
-        return self.inner.sample(rng, k - n_replay, step) + replayed
+        replayed += [rng.choice(self.prior[rng.choice(self.prior_names)]) for _ in range(max(0, n_prior))]
+        return self.inner.sample(rng, k - len(replayed), step) + replayed
+
+
+def prior_pairs(names: list[str]) -> dict[str, list[Pair]]:
+    """The train split's reference pairs of each named task or group (the prior skills' pretraining data)."""
+    return {t: [(e.prompt, e.answer) for e in task_registry.get(t).examples("train", None, seed=0)]
+            for t in task_registry.resolve(names)}
 
 
 def build_source(cfg: MethodConfig, ctx: StageContext, load_model: Callable[[str], torch.nn.Module]) -> PairSource:
@@ -150,5 +163,6 @@ def build_source(cfg: MethodConfig, ctx: StageContext, load_model: Callable[[str
     else:  # pragma: no cover - validated by MethodConfig
         raise RetainError(f"data kind {data.kind!r} is not an SFT-family source")
     if cfg.replay is not None:
-        source = WithReplay(source, ctx.state.replay, cfg.replay.ratio)
+        prior = prior_pairs(cfg.replay.prior_tasks) if cfg.replay.prior_ratio > 0 else {}
+        source = WithReplay(source, ctx.state.replay, cfg.replay.ratio, prior, cfg.replay.prior_ratio)
     return source

@@ -16,10 +16,13 @@ def build_report(root: str | Path) -> Path:
     from retain.report.aggregate import aggregate
     from retain.report.findings import findings
     from retain.report.html import write_html, write_markdown
+    from retain.report.matched import learned_table, matched_findings
     from retain.report.plots import FILES, all_figures
 
     root = Path(root)
     agg = aggregate(root)
+    agg["learned"] = learned_table(agg)
+    agg["matched"] = matched_findings(agg)  # the verdicts; ``fs`` (operating points) is description
     fs = findings(agg)
     figures = all_figures(agg, root)
     summary = {k: v for k, v in agg.items() if k != "tokens"}

@@ -40,6 +40,7 @@ from retain.compare import run_row
 from retain.errors import RetainError
 from retain.io import read_json
 from retain.metrics import mean_ci
+from retain.report.matched import run_points
 
 OPERATING_POINT_RULE = (
     "operating point of a method = the learning rate with the highest mean target gain over seeds "
@@ -53,7 +54,8 @@ BASE_METRICS = (
     "prior_drop", "forgetting_measure", "target_gain", "average_accuracy", "backward_transfer", "avalanche_forgetting",
 )
 SHIFT_KEYS = ("forward_kl", "forward_kl_exact", "reverse_kl", "reverse_kl_exact", "weight_l2")
-PREFERRED_ORDER = ("sft", "grpo", "self_sft", "iterative_sft", "eaft", "conflict_sft", "replay", "multitask")
+PREFERRED_ORDER = ("sft", "grpo", "self_sft", "iterative_sft", "eaft", "conflict_sft", "replay", "multitask",
+                   "sft_likely", "sft_unlikely")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -258,7 +260,7 @@ def aggregate(root: str | Path) -> dict[str, Any]:
         r["values"] = run_values(r["results"])
         rel = Path(r["dir"]).relative_to(root) if Path(r["dir"]).is_relative_to(root) else Path(r["dir"])
         run_rows.append({"method": r["method"], "lr": r["lr"], "seed": r["seed"], "dir": str(rel),
-                         "values": r["values"]})
+                         "values": r["values"], "points": run_points(r["results"])})
 
     by_key: dict[tuple[str, float | None], list[dict[str, Any]]] = {}
     for r in runs:

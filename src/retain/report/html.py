@@ -19,6 +19,7 @@ from retain.io import atomic_write_text
 from retain.metrics import t_critical
 from retain.report.aggregate import group
 from retain.report.findings import INCONCLUSIVE, NOT_REPRODUCED, REPRODUCED, fmt_lr, fmt_stat, predictor_table
+from retain.report.matched import LEARNED_RULE, NOT_REACHED, NOT_RUN, SHARED_RULES
 
 CSS = """
 body { font-family: -apple-system, 'Segoe UI', Helvetica, Arial, sans-serif; color: #1d2330; background: #fff;
@@ -50,6 +51,12 @@ ul { margin: 6px 0 10px; }
 """
 
 CAPTIONS = {
+    "frontier": "The picture behind the verdicts (SPEC §2.4): for each method, every checkpoint of every learning rate "
+                "of the first stage as new-task gain (selection half of the fixed held-out split) against prior-skill "
+                "forgetting; one faint line per (lr, seed) along its checkpoints, the thick line the method's frontier "
+                "(least forgetting at each gain, median over seeds). Left: greedy accuracy drop; right: answer NLL "
+                "increase. Down and to the right is better: a method forgets less when its frontier lies lower at "
+                "the same gain.",
     "matrices": "Accuracy matrix per method at its operating point (mean over seeds): rows are the model before any "
                 "stage (base) and after each stage; columns are every evaluation column — the stage tasks on "
                 "held-out test prompts, their OOD splits (<code>@ood</code>), their training prompts "
@@ -74,7 +81,8 @@ CAPTIONS = {
               "reference model.",
 }
 
-VERDICT_CLASS = {REPRODUCED: "v-reproduced", NOT_REPRODUCED: "v-not-reproduced", INCONCLUSIVE: "v-inconclusive"}
+VERDICT_CLASS = {REPRODUCED: "v-reproduced", NOT_REPRODUCED: "v-not-reproduced", INCONCLUSIVE: "v-inconclusive",
+                 NOT_REACHED: "v-inconclusive", NOT_RUN: "v-inconclusive"}
 
 
 def esc(v: Any) -> str:
@@ -132,7 +140,31 @@ def _table(headers: list[str], rows: list[list[tuple[str, str]]], attrs: str = "
     return f'<div class="wrap"><table{attrs}><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table></div>'
 
 
-def findings_table(fs: list[dict[str, Any]]) -> str:
+def learned_html(agg: dict[str, Any]) -> str:
+    """Did each method learn each stage's task on held-out prompts? (test half of the best selection checkpoint)"""
+    rows = []
+    for row in agg.get("learned") or []:
+        if not row.get("seeds"):
+            continue
+        sel, test = row["selection"], row["test"]
+        chosen = row["chosen"]
+        lrs = sorted({c["lr"] for c in chosen})
+        rows.append([
+            (esc(row["method"]), ""), (esc(f"{row['stage']}: {row.get('task', '')}"), ""), (esc(row["seeds"]), ""),
+            (esc(fmt_stat({"mean": sel["mean"], "low": sel["low"], "high": sel["high"]}, 100)), "num"),
+            (esc(fmt_stat({"mean": test["mean"], "low": test["low"], "high": test["high"]}, 100)), "num"),
+            (esc(", ".join(fmt_lr(v) for v in lrs)), ""),
+            (esc("learned" if row["learned"] else row["reason"]),
+             f"verdict {'v-reproduced' if row['learned'] else 'v-inconclusive'}"),
+        ])
+    if not rows:
+        return "<p>No in-stage trajectories in these runs.</p>"
+    return (f'<div class="note">{esc(_cap(LEARNED_RULE))}.</div>' + _table(
+        ["method", "stage", "seeds", "best gain, selection half (pts)", "its test-half gain (pts)",
+         "lr of the best checkpoints", "learned?"], rows, ' id="learned"'))
+
+
+def findings_table(fs: list[dict[str, Any]], table_id: str = "findings") -> str:
     rows = []
     for f in fs:
         rows.append([
@@ -143,7 +175,7 @@ def findings_table(fs: list[dict[str, Any]]) -> str:
             (esc(f["verdict"]), f"verdict {VERDICT_CLASS[f['verdict']]}"),
         ])
     return _table(["#", "claim (and the rule that decides it)", "paper", "measured here (95% intervals)", "verdict"],
-                  rows, ' id="findings"')
+                  rows, f' id="{table_id}"')
 
 
 def _metric_cells(g: dict[str, Any] | None, keys: list[tuple[str, float]]) -> list[tuple[str, str]]:
@@ -266,7 +298,15 @@ def caveats(agg: dict[str, Any], fs: list[dict[str, Any]]) -> list[str]:
 
 
 def render_html(agg: dict[str, Any], fs: list[dict[str, Any]], figures: list[tuple[str, Path]]) -> str:
-    counts = {v: sum(f["verdict"] == v for f in fs) for v in (REPRODUCED, NOT_REPRODUCED, INCONCLUSIVE)}
+    ms = agg.get("matched") or []
+    counts = {v: sum(f["verdict"] == v for f in ms)
+              for v in (REPRODUCED, NOT_REPRODUCED, INCONCLUSIVE, NOT_REACHED, NOT_RUN)}
+    lead = [(k, p) for k, p in figures if k == "frontier"]
+    figures = [(k, p) for k, p in figures if k != "frontier"]
+    lead_fig = "".join(
+        f'<figure id="fig-{esc(key)}"><img src="{_img(path)}" alt="{esc(key)}">'
+        f"<figcaption><b>Figure 0.</b> {CAPTIONS.get(key, '')}</figcaption></figure>" for key, path in lead
+    )
     pills = "".join(f'<span class="pill {VERDICT_CLASS[v]}">{n} {esc(v)}</span>' for v, n in counts.items())
     fact_rows = "".join(f"<tr><th>{esc(k)}</th><td>{esc(v)}</td></tr>" for k, v in facts(agg))
     op_groups = [g for g in (group(agg, m) for m in agg["methods"]) if g]
@@ -288,8 +328,17 @@ skills, and whether the papers' findings hold here. Accuracies in percentage poi
 prior skills got worse; FM ≤ 0, negative = forgetting.</p>
 <table class="facts">{fact_rows}</table>
 
-<h2>Findings</h2>
+<h2>Verdicts at matched new-task gain</h2>
 <div class="summary">{pills}</div>
+{lead_fig}
+{findings_table(ms, "matched")}
+<div class="note"><b>How verdicts are decided.</b> {" ".join(esc(_cap(r)) + "." for r in SHARED_RULES)}</div>
+<h3>Did each method learn? (held-out prompts)</h3>
+{learned_html(agg)}
+
+<h2>Descriptive comparisons (not verdicts)</h2>
+<p class="rule">At each method's operating point and at equal learning rates. Forgetting follows lr × steps with
+Adam, so these rows describe the sweep; the verdicts above are the ones decided at matched gain.</p>
 {findings_table(fs)}
 
 <h2>Methods compared</h2>
@@ -332,13 +381,28 @@ def render_markdown(agg: dict[str, Any], fs: list[dict[str, Any]]) -> str:
         return str(s).replace("|", "\\|").replace("\n", " ")
 
     lines = [f"# retain report — {' → '.join(agg['sequence'])}", "",
-             f"Methods: {', '.join(agg['methods'])}; {len(agg['runs'])} runs. "
-             f"{agg['rules']['operating_point'][0].upper()}{agg['rules']['operating_point'][1:]}.", "",
+             f"Methods: {', '.join(agg['methods'])}; {len(agg['runs'])} runs.", "",
+             "## Verdicts at matched new-task gain", "",
              "| # | claim | paper | measured (95% intervals) | verdict |", "|---|---|---|---|---|"]
+    for f in agg.get("matched") or []:
+        lines.append(f"| {cell(f['id'])} | {cell(f['claim'])} | {cell(f['paper'])} | {cell(f['measured'])} | "
+                     f"**{cell(f['verdict'])}** |")
+    lines += ["", "How verdicts are decided: " + " ".join(f"{r[0].upper()}{r[1:]}." for r in SHARED_RULES)]
+    lines += ["", "Did each method learn (best checkpoint, held-out test half):", ""]
+    for row in agg.get("learned") or []:
+        if row.get("seeds"):
+            t = row["test"]
+            lines.append(f"- {row['method']}, stage {row['stage']} ({row.get('task', '')}): "
+                         f"{fmt_stat({'mean': t['mean'], 'low': t['low'], 'high': t['high']}, 100)} pts over "
+                         f"{row['seeds']} seeds — {'learned' if row['learned'] else row['reason']}")
+    lines += ["", "## Descriptive comparisons at the operating points (not verdicts)", "",
+              f"{agg['rules']['operating_point'][0].upper()}{agg['rules']['operating_point'][1:]}.", "",
+              "| # | claim | paper | measured (95% intervals) | verdict |", "|---|---|---|---|---|"]
     for f in fs:
         lines.append(f"| {cell(f['id'])} | {cell(f['claim'])} | {cell(f['paper'])} | {cell(f['measured'])} | "
                      f"**{cell(f['verdict'])}** |")
-    lines += ["", "Rules:", ""] + [f"- {cell(f['id'])}: {cell(f['rule'])}" for f in fs]
+    lines += ["", "Rules:", ""] + [f"- {cell(f['id'])}: {cell(f['rule'])}" for f in (agg.get("matched") or [])]
+    lines += ["- operating-point rows: the rules are printed under each claim in report.html"]
     lines += ["", "Full report with figures: report.html", ""]
     return "\n".join(lines)
 

@@ -319,6 +319,53 @@ def plot_pareto(agg: dict[str, Any], out_dir: Path) -> Path | None:
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# 0. the frontier: gain against forgetting along every checkpoint
+
+
+def plot_frontier(agg: dict[str, Any], out_dir: Path, stage: int = 1) -> Path | None:
+    """Per readout (greedy prior drop, prior NLL increase): every (method, lr, seed) trajectory of ``stage`` as a
+    faint line through its checkpoints (selection-half gain, readout), and per method the frontier — at each gain
+    level, the median over seeds of the least readout reaching that gain (:func:`retain.metrics.frontier.frontier`)."""
+    from retain.metrics.frontier import frontier
+    from retain.report.matched import READOUTS, points_for
+
+    readouts = [r for r in ("prior_drop", "prior_nll") if points_for(agg, stage, r)]
+    if not readouts:
+        return None
+    colors = _colors(agg["methods"])
+    fig, axes = _grid(len(readouts), len(readouts), 5.2, 3.8)
+    for ax, readout in zip(axes, readouts):
+        name, scale, unit = READOUTS[readout]
+        points = points_for(agg, stage, readout)
+        for m in agg["methods"]:
+            mine = [p for p in points if p.method == m]
+            if not mine:
+                continue
+            for key in sorted({(p.lr, p.seed) for p in mine}):
+                line = sorted((p for p in mine if (p.lr, p.seed) == key), key=lambda p: p.step)
+                ax.plot([p.gain * 100 for p in line], [p.readouts[readout] * scale for p in line], color=colors[m],
+                        alpha=0.18, lw=0.8)
+            seeds = sorted({p.seed for p in mine})
+            top = min(max(p.gain for p in mine if p.seed == s) for s in seeds)
+            levels = np.linspace(0, max(top, 0.0), 12)
+            ys = []
+            for g in levels:
+                best = [frontier([p for p in mine if p.seed == s], g, readout) for s in seeds]
+                ys.append(float(np.median([b.readouts[readout] * scale for b in best if b is not None])))
+            ax.plot(levels * 100, ys, color=colors[m], lw=2.4, label=m, marker="o", ms=3)
+        ax.set_xlabel(f"new-task gain, selection half (pts) — stage {stage}", fontsize=8)
+        ax.set_ylabel(f"{name} ({unit})", fontsize=8)
+        ax.axhline(0, color="grey", lw=0.7)
+        ax.grid(alpha=0.3)
+        ax.tick_params(labelsize=8)
+        ax.legend(fontsize=8)
+    fig.suptitle("Forgetting against new-task gain along every checkpoint and lr (thick: frontier, median over seeds)",
+                 fontsize=10)
+    fig.tight_layout()
+    return _save(fig, out_dir, "frontier")
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # 6. learning curves
 
 
@@ -394,6 +441,7 @@ def all_figures(agg: dict[str, Any], root: str | Path) -> list[tuple[str, Path]]
     out_dir = Path(root) / FILES
     out_dir.mkdir(parents=True, exist_ok=True)
     makers = [
+        ("frontier", lambda: plot_frontier(agg, out_dir)),
         ("matrices", lambda: plot_matrices(agg, out_dir)),
         ("forgetting_bars", lambda: plot_forgetting_bars(agg, out_dir)),
         ("pareto", lambda: plot_pareto(agg, out_dir)),
