@@ -151,3 +151,8 @@ def test_error_path_is_the_users_path(spec, path):
     with pytest.raises(RetainError) as err:
         method_config(spec)
     assert str(err.value).startswith(path), str(err.value)
+
+
+def test_grpo_with_a_regularizer_is_refused_not_ignored():
+    with pytest.raises(RetainError, match="loss.beta"):
+        method_config({"name": "grpo", "regularizers": [{"kind": "l2sp"}]})

@@ -216,6 +216,11 @@ class MethodConfig(_Strict):
             )
         if on_policy and self.replay is not None:
             raise ValueError("replay is for the SFT family (offline/self/iterative data), not on_policy data")
+        if on_policy and self.regularizers:  # the GRPO objective has its own pull-back (loss.beta); never ignore one
+            raise ValueError(
+                f"regularizers {[r.kind for r in self.regularizers]} are for the SFT family; GRPO's KL to the stage's "
+                "start is loss.beta (regularizers with on_policy data would be silently ignored)"
+            )
         kinds = [r.kind for r in self.regularizers]
         if len(set(kinds)) != len(kinds):
             raise ValueError(f"regularizers repeat a kind: {kinds}")
