@@ -516,7 +516,7 @@ def test_kl_that_explains_drop_beyond_lr_is_reproduced(tmp_path: Path) -> None:
     assert by_id(agg)["3"]["verdict"] == "reproduced"
     # the same law over two methods: too few for leave-one-method-out → inconclusive
     two = predictor_finding(aggregate(predictor_demo(tmp_path / "two", drop_kl, methods=("sft", "grpo"))))
-    assert two["verdict"] == "inconclusive" and "too few" in two["measured"]
+    assert two["verdict"] == "inconclusive" and "at least 3 methods" in two["measured"]
 
 
 # ----------------------------------------------------------------------------------------------------------------

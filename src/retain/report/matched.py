@@ -291,8 +291,8 @@ def predictor_finding(agg: dict[str, Any]) -> dict[str, Any]:
     out = {"id": "3", "claim": claim, "paper": paper, "rule": rule, "methods": sorted({r["method"] for r in rows})}
     if len({r["method"] for r in rows}) < 3 or len({r["log_lr"] for r in rows}) < 2:
         return {**out, "verdict": "inconclusive", "measured": f"{len(rows)} runs over "
-                f"{len({r['method'] for r in rows})} methods and {len({r['log_lr'] for r in rows})} lrs: too few",
-                "numbers": {}}
+                f"{len({r['method'] for r in rows})} methods and {len({r['log_lr'] for r in rows})} lrs: the "
+                "leave-one-method-out fit needs at least 3 methods and 2 lrs (`retain demo --full`)", "numbers": {}}
     fits = {"drop": nested_predictor(rows, ["log_lr"], "kl", target_key="drop")}
     if all(r["nll"] is not None for r in rows):
         fits["nll"] = nested_predictor(rows, ["log_lr"], "kl", target_key="nll")
