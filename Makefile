@@ -2,38 +2,49 @@
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV := .venv
 BIN := $(VENV)/bin
+# STAMP: the package and what it needs at run time; TEST_STAMP: + the test extras (pytest, hypothesis, TRL, Ray)
 STAMP := $(VENV)/.installed
+TEST_STAMP := $(VENV)/.installed-test
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
 .PHONY: demo test bench base setup clean
 
-setup: $(STAMP)
+setup: $(TEST_STAMP)
 
 # On a machine without an NVIDIA GPU, torch 2.13.0 (CPU wheel) goes in first and pinned; everything else
-# is then installed under constraints-cpu.txt so nothing can pull a CUDA build.
+# is then installed under constraints-cpu.txt so nothing can pull a CUDA build. `make demo` needs only the package;
+# `make test` adds the test extras on top (the demo's install is a minute or two shorter without them).
 $(STAMP): pyproject.toml constraints-cpu.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	@if command -v nvidia-smi >/dev/null 2>&1; then \
-		$(BIN)/pip install -q -e ".[test]"; \
+		$(BIN)/pip install -q -e .; \
 	else \
 		$(BIN)/pip install -q torch==2.13.0 && \
-		$(BIN)/pip install -q -c constraints-cpu.txt -e ".[test]"; \
+		$(BIN)/pip install -q -c constraints-cpu.txt -e .; \
 	fi
 	touch $(STAMP)
+
+$(TEST_STAMP): $(STAMP)
+	@if command -v nvidia-smi >/dev/null 2>&1; then \
+		$(BIN)/pip install -q -e ".[test]"; \
+	else \
+		$(BIN)/pip install -q -c constraints-cpu.txt -e ".[test]"; \
+	fi
+	touch $(TEST_STAMP)
 
 demo: $(STAMP)
 	$(BIN)/retain demo
 
 # The report's browser test needs Debian's chromium; installed here when missing and we may (root, apt).
-test: $(STAMP)
+test: $(TEST_STAMP)
 	@command -v chromium >/dev/null 2>&1 || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 && \
 		(apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null) || \
 		echo "chromium not installed: the browser test will be skipped"; }
 	$(BIN)/python -m pytest -q
 
-bench: $(STAMP)
+bench: $(TEST_STAMP)
 	$(BIN)/python bench/run.py
 
 # Rebuild the embedded base model shipped in src/retain/embedded/base (deterministic for the seed).

@@ -332,7 +332,7 @@ prior skills got worse; FM ≤ 0, negative = forgetting.</p>
 <div class="summary">{pills}</div>
 {lead_fig}
 {findings_table(ms, "matched")}
-<div class="note"><b>How verdicts are decided.</b> {" ".join(esc(_cap(r)) + "." for r in SHARED_RULES)}</div>
+<div class="note"><b>How verdicts are decided.</b> {" ".join(esc(_cap(r.rstrip("."))) + "." for r in SHARED_RULES)}</div>
 <h3>Did each method learn? (held-out prompts)</h3>
 {learned_html(agg)}
 
@@ -387,7 +387,7 @@ def render_markdown(agg: dict[str, Any], fs: list[dict[str, Any]]) -> str:
     for f in agg.get("matched") or []:
         lines.append(f"| {cell(f['id'])} | {cell(f['claim'])} | {cell(f['paper'])} | {cell(f['measured'])} | "
                      f"**{cell(f['verdict'])}** |")
-    lines += ["", "How verdicts are decided: " + " ".join(f"{r[0].upper()}{r[1:]}." for r in SHARED_RULES)]
+    lines += ["", "How verdicts are decided: " + " ".join(f"{r[0].upper()}{r[1:].rstrip('.')}." for r in SHARED_RULES)]
     lines += ["", "Did each method learn (best checkpoint, held-out test half):", ""]
     for row in agg.get("learned") or []:
         if row.get("seeds"):
