@@ -354,7 +354,9 @@ def plot_frontier(agg: dict[str, Any], out_dir: Path, stage: int = 1) -> Path | 
                 ys.append(float(np.median([b.readouts[readout] * scale for b in best if b is not None])))
             ax.plot(levels * 100, ys, color=colors[m], lw=2.4, label=m, marker="o", ms=3)
         ax.set_xlabel(f"new-task gain, selection half (pts) — stage {stage}", fontsize=8)
-        ax.set_ylabel(f"{name} ({unit})", fontsize=8)
+        ax.set_ylabel(f"{name} ({unit}, symlog)", fontsize=8)
+        # high-lr runs forget 100× more than the frontier: a linear axis would flatten every frontier onto 0
+        ax.set_yscale("symlog", linthresh=0.5 if unit == "pts" else 1.0)
         ax.axhline(0, color="grey", lw=0.7)
         ax.grid(alpha=0.3)
         ax.tick_params(labelsize=8)
