@@ -171,15 +171,8 @@ class ExperimentConfig(_Strict):
                 for t in task_registry.GROUPS["prior"]:
                     add(t)
                 continue
-            name, _, split = item.partition("@")
-            try:
-                names = task_registry.resolve(name)
-            except RetainError as err:
-                raise RetainError(f"eval.tasks[{i}]: {err}") from None
-            for t in names:
-                if split and split not in task_registry.get(t).splits:
-                    raise RetainError(f"eval.tasks[{i}]: task {t!r} has no split {split!r}")
-                add(f"{t}@{split}" if split and split != "test" else t)
+            for column in _columns_of(item, f"eval.tasks[{i}]"):
+                add(column)
         for t in self.stage_tasks():  # the accuracy matrix needs every stage task on its test split
             if t not in out:
                 out.insert(0, t)
@@ -199,18 +192,25 @@ class ExperimentConfig(_Strict):
         return [c for c in self.eval_tasks() if c in names]
 
     def _resolve_columns(self, items: list[str], where: str) -> list[str]:
-        out = []
-        for i, item in enumerate(items):
-            name, _, split = item.partition("@")
-            try:
-                names = task_registry.resolve(name)
-            except RetainError as err:
-                raise RetainError(f"{where}[{i}]: {err}") from None
-            out.extend(f"{t}@{split}" if split and split != "test" else t for t in names)
+        out = [column for i, item in enumerate(items) for column in _columns_of(item, f"{where}[{i}]")]
         missing = [c for c in out if c not in self.eval_tasks()]
         if missing:
             raise RetainError(f"{where}: {', '.join(missing)} not among the evaluated columns (eval.tasks)")
         return out
+
+
+def _columns_of(item: str, where: str) -> list[str]:
+    """The evaluation columns one named item stands for: ``task``, ``group`` or ``task@split`` (``@test`` is the
+    plain task name); an unknown task or a split the task lacks is a ``RetainError`` naming ``where``."""
+    name, _, split = item.partition("@")
+    try:
+        names = task_registry.resolve(name)
+    except RetainError as err:
+        raise RetainError(f"{where}: {err}") from None
+    for t in names:
+        if split and split not in task_registry.get(t).splits:
+            raise RetainError(f"{where}: task {t!r} has no split {split!r}")
+    return [f"{t}@{split}" if split and split != "test" else t for t in names]
 
 
 MAX_CONFIG_NODES = 100_000  # values in a config, aliases expanded: a YAML "billion laughs" is refused, not expanded

@@ -28,7 +28,7 @@ from typing import Any
 
 import numpy as np
 
-from retain.metrics.matrix import MetricInputError
+from retain.metrics.matrix import MetricInputError, finite_number
 from retain.metrics.predictor import mean_ci
 
 __all__ = [
@@ -81,16 +81,6 @@ class Point:
 # input checks
 
 
-def _finite(value: Any, what: str) -> float:
-    try:
-        v = float(value)
-    except (TypeError, ValueError):
-        raise MetricInputError(f"{what} must be a number; got {value!r}") from None
-    if not math.isfinite(v):
-        raise MetricInputError(f"{what} is {v!r}; values must be finite")
-    return v
-
-
 def _label(p: Point) -> str:
     return f"point (method={p.method!r}, seed={p.seed}, lr={p.lr}, step={p.step})"
 
@@ -102,15 +92,15 @@ def _check_points(points: Sequence[Point], readout: str | None) -> list[Point]:
     for p in points:
         if not isinstance(p, Point):
             raise MetricInputError(f"points must be Point instances; got {type(p).__name__}")
-        _finite(p.gain, f"{_label(p)}.gain")
-        _finite(p.gain_test, f"{_label(p)}.gain_test")
-        _finite(p.lr, f"{_label(p)}.lr")
+        finite_number(p.gain, f"{_label(p)}.gain")
+        finite_number(p.gain_test, f"{_label(p)}.gain_test")
+        finite_number(p.lr, f"{_label(p)}.lr")
         if readout is not None:
             if readout not in p.readouts:
                 raise MetricInputError(
                     f"{_label(p)} has no readout {readout!r}; it has {sorted(p.readouts)}"
                 )
-            _finite(p.readouts[readout], f"{_label(p)}.readouts[{readout!r}]")
+            finite_number(p.readouts[readout], f"{_label(p)}.readouts[{readout!r}]")
     return points
 
 
@@ -138,7 +128,7 @@ def frontier(points: Sequence[Point], g: float, readout: str = "drop") -> Point 
     point reaches ``g``. Mixing methods or seeds raises :class:`MetricInputError`.
     """
     points = _check_points(points, readout)
-    g = _finite(g, "target gain g")
+    g = finite_number(g, "target gain g")
     runs = {(p.method, p.seed) for p in points}
     if len(runs) > 1:
         raise MetricInputError(f"frontier() takes one method and one seed; got {sorted(runs)}")
@@ -168,7 +158,7 @@ def target_gains(
     points = _check_points(points, None)
     if method_a == method_b:
         raise MetricInputError(f"compare two different methods; got {method_a!r} twice")
-    fracs = [_finite(f, "fraction") for f in fractions]
+    fracs = [finite_number(f, "fraction") for f in fractions]
     if not fracs or any(not 0.0 < f <= 1.0 for f in fracs):
         raise MetricInputError(f"fractions must be a non-empty list of values in (0, 1]; got {list(fractions)!r}")
     means = [
@@ -210,13 +200,13 @@ def matched_contrast(
     points = _check_points(points, readout)
     if method_a == method_b:
         raise MetricInputError(f"compare two different methods; got {method_a!r} twice")
-    share = _finite(min_reached_share, "min_reached_share")
+    share = finite_number(min_reached_share, "min_reached_share")
     if not 0.0 <= share <= 1.0:
         raise MetricInputError(f"min_reached_share must be in [0, 1]; got {share!r}")
     runs_a, runs_b = _by_seed(points, method_a), _by_seed(points, method_b)
     out: list[dict[str, Any]] = []
     for target in targets:
-        g = _finite(target, "target gain")
+        g = finite_number(target, "target gain")
         fa = {s: frontier(run, g, readout) for s, run in runs_a.items()}
         fb = {s: frontier(run, g, readout) for s, run in runs_b.items()}
         reached_a = sum(p is not None for p in fa.values()) / len(fa)
@@ -274,7 +264,7 @@ def verdict(contrast: Mapping[str, Any], expect: int) -> str:
         return "not reached"
     if status != "ok":
         return "inconclusive"
-    low, high = _finite(contrast["low"], "contrast low"), _finite(contrast["high"], "contrast high")
+    low, high = finite_number(contrast["low"], "contrast low"), finite_number(contrast["high"], "contrast high")
     lo, hi = sorted((expect * low, expect * high))  # flip so that "expected side" is always > 0
     if lo > 0.0:
         return "reproduced"
@@ -342,12 +332,12 @@ def f_survival(f: float, df1: float, df2: float) -> float:
 
     Example: f = 4.96 with (1, 10) gives ≈ 0.05 (4.96 is the table's 95% point).
     """
-    df1, df2 = _finite(df1, "df1"), _finite(df2, "df2")
+    df1, df2 = finite_number(df1, "df1"), finite_number(df2, "df2")
     if df1 <= 0 or df2 <= 0:
         raise MetricInputError(f"F degrees of freedom must be > 0; got ({df1}, {df2})")
     if f == math.inf:  # a full model that fits exactly
         return 0.0
-    f = _finite(f, "F")
+    f = finite_number(f, "F")
     if f <= 0.0:
         return 1.0
     return _betainc(df2 / 2.0, df1 / 2.0, df2 / (df2 + df1 * f))
@@ -412,7 +402,7 @@ def nested_predictor(
         if any(row.get(k) is None for k in (*keys, group_key)):
             dropped += 1
             continue
-        table.append([_finite(row[k], f"rows[{i}][{k!r}]") for k in keys])
+        table.append([finite_number(row[k], f"rows[{i}][{k!r}]") for k in keys])
         groups.append(row[group_key])
     n = len(table)
     distinct = list(dict.fromkeys(groups))

@@ -188,19 +188,20 @@ def target_gain(R: Any, j: int) -> float:
 # single-target (Retaining) and extra-column metrics
 
 
-def _scalar(value: Any, what: str) -> float:
+def finite_number(value: Any, what: str) -> float:
+    """``value`` as a float, or a ``MetricInputError`` naming ``what`` (not a number, NaN or infinite)."""
     try:
         out = float(value)
     except (TypeError, ValueError):
         raise MetricInputError(f"{what} must be a number; got {value!r}") from None
     if not math.isfinite(out):
-        raise MetricInputError(f"{what} is {out!r}; accuracies must be finite numbers")
+        raise MetricInputError(f"{what} is {out!r}; values must be finite")
     return out
 
 
 def gain(before: float, after: float) -> float:
     """Gain on the target task (Retaining): ``after − before``; positive means the task was learned."""
-    return _scalar(after, "after") - _scalar(before, "before")
+    return finite_number(after, "after") - finite_number(before, "before")
 
 
 def _select(row: Any, columns: Sequence[int] | None, what: str) -> np.ndarray:

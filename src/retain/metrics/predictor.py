@@ -16,7 +16,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from retain.metrics.matrix import MetricInputError
+from retain.metrics.matrix import MetricInputError, finite_number
 
 __all__ = [
     "CANDIDATES",
@@ -177,15 +177,8 @@ def forgetting_predictor(
             xv, yv = run.get(cand), run.get(target)
             if xv is None or yv is None:
                 continue
-            for key, val in ((cand, xv), (target, yv)):
-                try:
-                    fv = float(val)
-                except (TypeError, ValueError):
-                    raise MetricInputError(f"runs[{i}][{key!r}] must be a number; got {val!r}") from None
-                if not math.isfinite(fv):
-                    raise MetricInputError(f"runs[{i}][{key!r}] is {fv!r}; values must be finite")
-            xs.append(float(xv))
-            ys.append(float(yv))
+            xs.append(finite_number(xv, f"runs[{i}][{cand!r}]"))
+            ys.append(finite_number(yv, f"runs[{i}][{target!r}]"))
         fit = fit_quadratic(xs, ys)
         if fit["n"] == 0:
             fit["note"] = f"no run reports both {cand!r} and {target!r}"
