@@ -39,7 +39,8 @@ def retain_trainer(model, tokenizer, task_name: str, method: dict[str, Any], see
     """What ``retain.methods.build.train_stage`` builds before it calls ``Trainer.run`` (no adapter, no extras),
     with an ``on_step`` hook so the benchmark can time individual steps."""
     from retain import tasks as task_registry
-    from retain.methods.build import build_objective, frozen_copy
+    from retain.methods.build import build_objective
+    from retain.models.adapters import frozen_copy
     from retain.methods.config import method_config
     from retain.methods.stage import MethodState, StageContext
     from retain.train import Trainer

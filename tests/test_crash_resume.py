@@ -24,7 +24,8 @@ from retain import io as rio
 from retain.config import parse_experiment
 from retain.errors import RetainError
 from retain.io import append_jsonl, read_jsonl, verify_manifest, write_manifest
-from retain.runner import remove_temp_leftovers, run_experiment, run_lock
+from retain.rundir import remove_temp_leftovers, run_lock
+from retain.runner import run_experiment
 from retain.train import TrainConfig, Trainer, recover_checkpoint
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -51,7 +51,7 @@ def test_wraps_the_model_in_memory_and_summarizes(fake_lm_eval, micro_model, tok
 
 
 def test_a_lora_model_is_evaluated_merged(fake_lm_eval, micro_model, tokenizer):
-    from retain.methods import adapters
+    from retain.models import adapters
     from retain.methods.config import AdapterConfig
 
     lora = adapters.attach(micro_model, AdapterConfig(r=2, target_modules=["q_proj"]))

@@ -1,5 +1,5 @@
 """The report's verdicts at matched new-task gain (SPEC §2.4, §3.2), end to end: fabricated demo directories
-(demo.json + each run's results.json with per-stage ``trajectories``, as ``retain.runner.results_from_rows`` writes
+(demo.json + each run's results.json with per-stage ``trajectories``, as ``retain.results.results_from_rows`` writes
 them) go through :func:`retain.report.aggregate.aggregate` and :mod:`retain.report.matched`.
 
 The builder here writes only what the runner writes: the evaluation rows at step 0, at the in-stage checkpoints (a
@@ -27,7 +27,7 @@ from retain.report.matched import (
     FINDINGS, LEARNED_MIN_GAIN, LEARNED_RULE, NOT_REACHED, decide, learned, learned_table, matched_findings, points_for,
     predictor_finding, run_points,
 )
-from retain.runner import compute_metrics
+from retain.results import compute_metrics
 
 PRIOR = ["facts", "reverse", "arith"]
 N_HALF = 200  # prompts per half (selection / test) of a stage task's held-out split

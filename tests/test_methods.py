@@ -14,8 +14,9 @@ import torch
 import retain.tasks as task_registry
 from retain.data import IGNORE, collate, encode_answer, encode_prompt
 from retain.errors import RetainError
-from retain.methods import adapters
-from retain.methods.build import frozen_copy, train_stage
+from retain.models import adapters
+from retain.methods.build import train_stage
+from retain.models.adapters import frozen_copy
 from retain.methods.config import method_config
 from retain.methods.grpo import GRPOObjective
 from retain.methods.regularizers import EWC, L2SP, Distillation, KLToReference, update_fisher

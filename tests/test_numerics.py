@@ -12,7 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from retain.losses import group_advantages, grpo_token_loss, kl_estimate
-from retain.methods.build import frozen_copy
+from retain.models.adapters import frozen_copy
 from retain.methods.config import method_config
 from retain.methods.grpo import GRPOObjective
 from retain.methods.stage import MethodState, StageContext

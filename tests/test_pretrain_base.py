@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 
 from retain.evaluate import evaluate
 from retain.models.loading import load_model
-from retain.models.pretrain import PretrainConfig, pretrain
+from retain.pretrain import PretrainConfig, pretrain
 
 SHORT = dict(steps=6, batch_size=8, eval_n=4, eval_samples=2, warmup_steps=1,
              mixture={"reverse": 1.0, "arith": 1.0, "countdown": 0.5})
@@ -32,6 +32,9 @@ def test_short_pretraining_writes_a_loadable_model_deterministically(tmp_path):
     wc = load_file(tmp_path / "c" / "model.safetensors")
     assert any(not (wa[k] == wc[k]).all() for k in wa)
     assert not (tmp_path / "a.tmp").exists()
+    from retain.io import verify_manifest
+
+    assert verify_manifest(tmp_path / "a") is None  # published like a stage's model: with its files' sha256
 
 
 def test_pretrain_config_rejects_unknown_task_and_preset():

@@ -86,7 +86,7 @@ def test_trajectories_hold_every_checkpoint_with_fixed_prompts(micro_dir, tmp_pa
     assert set(results["flips"]) == set(results["eval_tasks"])
     # eval.seed fixes the prompts: another run seed is evaluated on the very same items
     other = _experiment(micro_dir).model_copy(update={"seed": 6})
-    from retain.runner import evaluate_row
+    from retain.stage_eval import evaluate_row
     from retain.models.loading import load_model
 
     model, tok = load_model(str(micro_dir))
@@ -104,12 +104,12 @@ def test_checkpoint_evaluation_leaves_training_unchanged(micro_dir, tmp_path) ->
 def test_a_stage_resumed_mid_way_keeps_and_completes_its_points(micro_dir, tmp_path, monkeypatch) -> None:
     """Kill the run while it evaluates the checkpoint at step 4 (after the Trainer saved that step's checkpoint):
     the resume evaluates step 4 from the checkpoint's weights and the trajectory equals an uninterrupted run's."""
-    from retain import runner
+    from retain import stage_eval
 
     cfg = _experiment(micro_dir, checkpoint_every=2)
     whole = run_experiment(cfg, tmp_path / "whole")
     calls = {"n": 0}
-    real = runner.evaluate_row
+    real = stage_eval.evaluate_row
 
     def dying(model, tok, c, columns=None):
         if columns is not None:
@@ -118,10 +118,10 @@ def test_a_stage_resumed_mid_way_keeps_and_completes_its_points(micro_dir, tmp_p
                 raise KeyboardInterrupt
         return real(model, tok, c, columns)
 
-    monkeypatch.setattr(runner, "evaluate_row", dying)
+    monkeypatch.setattr(stage_eval, "evaluate_row", dying)
     with pytest.raises(KeyboardInterrupt):
         run_experiment(cfg, tmp_path / "cut")
-    monkeypatch.setattr(runner, "evaluate_row", real)
+    monkeypatch.setattr(stage_eval, "evaluate_row", real)
     resumed = run_experiment(cfg, tmp_path / "cut")
     assert resumed["trajectories"] == whole["trajectories"]
     assert resumed["matrix"] == whole["matrix"]

@@ -10,7 +10,6 @@ import torch
 
 from retain.config import load_experiment, parse_experiment
 from retain.errors import RetainError
-from retain.runner import load_configured
 
 REAL = sorted((Path(__file__).resolve().parent.parent / "configs" / "real").glob("*.yaml"))
 
@@ -40,13 +39,13 @@ def test_every_real_model_has_a_config():
 def test_defaults_are_unchanged_for_the_embedded_model():
     cfg = _cfg()
     assert (cfg.dtype, cfg.mixed_precision, cfg.gradient_checkpointing, cfg.device) == ("fp32", "no", False, "auto")
-    model, _ = load_configured(cfg, cfg.model)
+    model, _ = cfg.load_model()
     assert {p.dtype for p in model.parameters()} == {torch.float32} and not _checkpointing(model)
 
 
 def test_dtype_and_checkpointing_apply():
     cfg = _cfg(dtype="bf16", gradient_checkpointing=True, device="cpu")
-    model, _ = load_configured(cfg, cfg.model)
+    model, _ = cfg.load_model()
     assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
     assert _checkpointing(model) and model.is_activation_checkpointing
     assert next(model.parameters()).device.type == "cpu"
@@ -54,8 +53,8 @@ def test_dtype_and_checkpointing_apply():
 
 def test_checkpointing_gives_the_same_gradients():
     cfg = _cfg(device="cpu")
-    plain, _ = load_configured(cfg, cfg.model)
-    ckpt, _ = load_configured(cfg.model_copy(update={"gradient_checkpointing": True}), cfg.model)
+    plain, _ = cfg.load_model()
+    ckpt, _ = cfg.model_copy(update={"gradient_checkpointing": True}).load_model()
     ids = torch.tensor([[3, 5, 7, 9, 11, 13, 15, 17]])
     grads = []
     for model in (plain, ckpt):
@@ -73,4 +72,4 @@ def test_bad_model_options_are_refused():
     if not torch.cuda.is_available():
         cfg = _cfg(device="cuda")
         with pytest.raises(RetainError, match="no CUDA device"):
-            load_configured(cfg, cfg.model)
+            cfg.load_model()

@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 
 from retain.config import ExperimentConfig
-from retain.runner import compute_metrics
+from retain.results import compute_metrics
 
 TASKS = ["gpoints", "kg", "countdown"]
 PRIOR = ["facts", "reverse", "arith"]

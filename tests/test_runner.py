@@ -123,7 +123,7 @@ def test_malformed_yaml_and_missing_file(tmp_path):
 
 def test_second_process_on_the_same_directory_is_refused(micro_dir, tmp_path):
     from retain.errors import RetainError
-    from retain.runner import run_lock
+    from retain.rundir import run_lock
 
     with run_lock(tmp_path / "run"):
         with pytest.raises(RetainError, match="in use by another retain process"):

@@ -160,7 +160,7 @@ def test_weights_pushed_by_name_once_per_change(fake_vllm, base):
 
 
 def test_engines_share_one_llm_and_swap_weights(fake_vllm, base):
-    from retain.methods.build import frozen_copy
+    from retain.models.adapters import frozen_copy
 
     model, tok = base
     other = frozen_copy(model)
@@ -179,7 +179,7 @@ def test_engines_share_one_llm_and_swap_weights(fake_vllm, base):
 
 
 def test_lora_pushes_merged_base_weights(fake_vllm, base):
-    from retain.methods import adapters
+    from retain.models import adapters
     from retain.methods.config import AdapterConfig
 
     model, tok = base

@@ -49,8 +49,8 @@ def pretrain(
     from rich.console import Console
     from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
-    from retain.models.pretrain import PretrainConfig
-    from retain.models.pretrain import pretrain as run_pretrain
+    from retain.pretrain import PretrainConfig
+    from retain.pretrain import pretrain as run_pretrain
 
     cfg = _validated(PretrainConfig, preset=preset, steps=steps, batch_size=batch_size, lr=lr, seed=seed, eval_n=eval_n)
     console = Console(stderr=True)

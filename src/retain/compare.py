@@ -31,16 +31,36 @@ def _last(values: list[Any] | None) -> Any:
     return values[-1] if values else None
 
 
+def method_names(results: dict[str, Any]) -> str:
+    """The run's method: its stages' resolved method names (results.json ``methods``), joined when they differ.
+    A run written before results.json held them: read from its raw config."""
+    if isinstance(results.get("methods"), list) and results["methods"]:
+        names = {m.get("name", "custom") for m in results["methods"]}
+    else:
+        cfg = results["config"]
+        name = lambda spec: spec if isinstance(spec, str) else (spec or {}).get("name", "custom")  # noqa: E731
+        names = {name(s["method"]) for s in cfg["stages"] if s.get("method")} | {name(cfg["method"])}
+    return "+".join(sorted(names))
+
+
+def method_lr(results: dict[str, Any]) -> float | None:
+    """The first stage's learning rate, as resolved (``None`` for a run whose results do not record it)."""
+    methods = results.get("methods")
+    if isinstance(methods, list) and methods:
+        lr = (methods[0].get("train") or {}).get("lr")
+    else:
+        spec = results["config"].get("method")
+        lr = (spec.get("train") or {}).get("lr") if isinstance(spec, dict) else None
+    return float(lr) if lr is not None else None
+
+
 def run_row(run_dir: str | Path, results: dict[str, Any]) -> dict[str, Any]:
     cfg = results["config"]
-    stage_methods = {s["method"] if isinstance(s.get("method"), str) else (s.get("method") or {}).get("name")
-                     for s in cfg["stages"] if s.get("method")}
-    top = cfg["method"] if isinstance(cfg["method"], str) else cfg["method"].get("name", "custom")
     metrics, shift = results["metrics"], results["shift"]
     row = {
         "run": str(run_dir),
         "name": cfg.get("name"),
-        "method": top if not stage_methods else "+".join(sorted(stage_methods | {top})),
+        "method": method_names(results),
         "seed": results["seeds"]["run"],
         "stages": "→".join(results["tasks"]),
         **{k: metrics.get(k) for k in COLUMNS[5:11]},

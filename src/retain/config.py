@@ -28,12 +28,12 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
 
 from retain import tasks as task_registry
 from retain.errors import RetainError
 from retain.methods.config import MethodConfig, method_config, user_path
+from retain.yaml_input import field_error, read_yaml
 
 
 MAX_SAMPLES = 4096  # samples per prompt: beyond this a typo, not an experiment (each one is generated and kept)
@@ -132,23 +132,50 @@ class ExperimentConfig(_Strict):
     )
     gradient_checkpointing: bool = Field(False, description="recompute activations in the backward pass")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: this process's GPU if any, else CPU")
+    _methods: list[MethodConfig] = PrivateAttr(default_factory=list)  # each stage's, resolved once
 
     @model_validator(mode="after")
     def _methods_and_eval_tasks_resolve(self) -> "ExperimentConfig":
-        for i in range(len(self.stages)):
-            self.stage_method(i)  # raises naming stages[i].method
+        self._methods = [self._resolve_method(i) for i in range(len(self.stages))]  # raises naming stages[i].method
         self.eval_tasks()
         self.checkpoint_columns()
         self.nll_columns()
         return self
 
-    def stage_method(self, i: int) -> MethodConfig:
+    def _resolve_method(self, i: int) -> MethodConfig:
         stage = self.stages[i]
         where = f"stages[{i}].method" if stage.method is not None else "method"
         cfg = method_config(stage.method if stage.method is not None else self.method, where)
         if stage.steps is not None:
             cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"steps": stage.steps})})
         return cfg
+
+    def stage_method(self, i: int) -> MethodConfig:
+        """Stage ``i``'s method, typed: the preset or dict of ``stages[i].method`` (else ``method``) resolved once,
+        with the stage's ``steps``."""
+        return self._methods[i]
+
+    def stage_methods(self) -> list[MethodConfig]:
+        return list(self._methods)
+
+    def stage_seed(self, i: int) -> int:
+        """The seed of stage ``i`` (0-based): its data, sampling and shift measurement; the same in every mode."""
+        return self.seed * 1000 + i
+
+    def shift_seed(self, stage: int) -> int:
+        """The seed of the KL-shift samples after stage ``stage`` (1-based)."""
+        return self.seed * 1000 + stage
+
+    def load_model(self, spec: str | Path | None = None):
+        """``(model, tokenizer)`` of ``spec`` (default: ``model``) as this config asks: dtype, gradient
+        checkpointing, trust_remote_code, on this process's device."""
+        from retain.distributed import train_device
+        from retain.models.loading import load_model
+
+        return load_model(
+            self.model if spec is None else spec, trust_remote_code=self.trust_remote_code, dtype=self.dtype,
+            gradient_checkpointing=self.gradient_checkpointing, device=train_device(self.device),
+        )
 
     def stage_tasks(self) -> list[str]:
         return [s.task for s in self.stages]
@@ -238,26 +265,10 @@ def parse_experiment(data: Any, source: str = "config") -> ExperimentConfig:
     try:
         return ExperimentConfig.model_validate(data)  # not **data: a YAML key may be a number or null
     except ValidationError as err:
-        first = err.errors()[0]
-        loc = "".join(f"[{p}]" if p.isdigit() else f".{p}" for p in user_path(first["loc"])).lstrip(".")
-        msg = first["msg"].removeprefix("Value error, ")
-        raise RetainError(f"{source}: {loc + ': ' if loc else ''}{msg}") from None
+        raise field_error(err, source, user_path, indices=True) from None
     except RetainError as err:
         raise RetainError(f"{source}: {err}") from None
 
 
 def load_experiment(path: str | Path) -> ExperimentConfig:
-    path = Path(path)
-    if not path.is_file():
-        raise RetainError(f"config file not found: {path}")
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except yaml.YAMLError as err:
-        mark = getattr(err, "problem_mark", None)
-        where = f" (line {mark.line + 1})" if mark else ""
-        raise RetainError(f"{path}: not valid YAML{where}") from None
-    except UnicodeDecodeError:
-        raise RetainError(f"{path}: not UTF-8 text") from None
-    except RecursionError:
-        raise RetainError(f"{path}: nested too deeply to be a config") from None
-    return parse_experiment(data, str(path))
+    return parse_experiment(read_yaml(path, "config"), str(path))

@@ -48,6 +48,29 @@ def describe(model: torch.nn.Module, settings: dict[str, Any]) -> dict[str, Any]
     }
 
 
+def _entry(cache: Path, model: torch.nn.Module, settings: dict[str, Any]) -> tuple[Path, dict[str, Any]]:
+    description = describe(model, settings)
+    key = hashlib.sha256(json.dumps(description, sort_keys=True).encode()).hexdigest()[:32]
+    return cache / f"{key}.json", description
+
+
+def _read_entry(entry: Path, description: dict[str, Any]) -> dict[str, Any] | None:
+    try:
+        stored = read_json(entry)
+    except (OSError, ValueError):
+        return None  # absent or damaged: computed again
+    if isinstance(stored, dict) and stored.get("description") == description and isinstance(stored.get("row"), dict):
+        return stored["row"]
+    return None
+
+
+def stored_row(cache: str | Path | None, model: torch.nn.Module, settings: dict[str, Any]) -> dict[str, Any] | None:
+    """The stored row for this model and settings, or ``None`` (nothing is computed or written)."""
+    if cache is None:
+        return None
+    return _read_entry(*_entry(Path(cache), model, settings))
+
+
 def cached_row(
     cache: str | Path | None, model: torch.nn.Module, settings: dict[str, Any], compute: Callable[[], dict[str, Any]]
 ) -> tuple[dict[str, Any], bool]:
@@ -57,17 +80,12 @@ def cached_row(
         return compute(), False
     cache = Path(cache)
     cache.mkdir(parents=True, exist_ok=True)
-    description = describe(model, settings)
-    key = hashlib.sha256(json.dumps(description, sort_keys=True).encode()).hexdigest()[:32]
-    entry = cache / f"{key}.json"
-    with open(cache / f"{key}.lock", "w") as lock:
+    entry, description = _entry(cache, model, settings)
+    with open(entry.with_suffix(".lock"), "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # one computes, the others wait for its entry
-        try:
-            stored = read_json(entry)
-            if isinstance(stored, dict) and stored.get("description") == description and isinstance(stored.get("row"), dict):
-                return stored["row"], True
-        except (OSError, ValueError):
-            pass  # absent or damaged: computed again
+        row = _read_entry(entry, description)
+        if row is not None:
+            return row, True
         row = compute()
         atomic_write_json(entry, {"description": description, "row": row})
         return row, False

@@ -426,11 +426,17 @@ def eaft_weights(logits: torch.Tensor, k: int = 20, alpha: float = 1.0) -> torch
         return h.clamp(0.0, 1.0).pow(alpha)
 
 
+# A confident conflict (SPEC §2.3): the model is sure (entropy below this, in nats) and the target is unlikely
+# (probability below this). The one home of the defaults: the loss, the method config and the token analysis.
+CONFLICT_ENTROPY_MAX = 0.5
+CONFLICT_PROB_MAX = 0.1
+
+
 def confident_conflict_mask(
     logits: torch.Tensor,
     targets: torch.Tensor,
-    entropy_max: float = 0.5,
-    prob_max: float = 0.1,
+    entropy_max: float = CONFLICT_ENTROPY_MAX,
+    prob_max: float = CONFLICT_PROB_MAX,
 ) -> torch.Tensor:
     """Boolean ``[...]``: True where the target token is a confident conflict (SPEC §2.3).
 

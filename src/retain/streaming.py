@@ -50,13 +50,13 @@ from retain.config import ExperimentConfig
 from retain.distributed import make_accelerator
 from retain.errors import RetainError
 from retain.io import append_jsonl, atomic_write_json, atomic_write_text, read_json, remove_dir, verify_manifest
-from retain.methods.build import build_objective, frozen_copy
+from retain.methods.build import build_objective
+from retain.models.adapters import frozen_copy
 from retain.methods.config import EWCReg, MethodConfig
 from retain.methods.stage import MethodState, StageContext
-from retain.runner import (
-    _json_or_none, _save_model_dir, evaluate_row, measure_shift, prepare_run_dir, remove_temp_leftovers,
-    results_from_rows, run_lock, warn,
-)
+from retain.results import results_from_rows
+from retain.rundir import json_or_none, prepare_run_dir, remove_temp_leftovers, run_lock, save_model_dir, warn
+from retain.stage_eval import evaluate_row, measure_shift
 from retain.train import Trainer, recover_checkpoint, rng_preserved, seed_everything
 
 Progress = Callable[[str, dict[str, Any]], None]
@@ -226,7 +226,7 @@ class _Stream:
             for k in finishing:
                 previous = self.previous_model(k)
                 shift = measure_shift(self.base, previous, model, self.tokenizer, cfg.stages[k].task, cfg, k + 1)
-                _save_model_dir(model, self.tokenizer, self.out / "stages" / str(k + 1) / "model")
+                save_model_dir(model, self.tokenizer, self.out / "stages" / str(k + 1) / "model")
                 self.previous = (k + 1, frozen_copy(model))
                 boundaries.append({"stage": k + 1, "task": cfg.stages[k].task, "shift": shift})
         atomic_write_json(_point_file(self.out, step), {
@@ -254,25 +254,23 @@ class _Stream:
 
 def run_streaming(cfg: ExperimentConfig, out: str | Path, say: Progress | None = None) -> dict[str, Any]:
     """Run (or resume) ``cfg`` as one stream into ``out``; returns the results also written to ``out/results.json``."""
-    from retain.runner import load_configured
-
     methods = validate_streaming(cfg)  # before anything exists on disk
     out = Path(out)
     say = say or (lambda event, data: None)
-    model, tokenizer = load_configured(cfg, cfg.model)  # dtype, gradient checkpointing, device
+    model, tokenizer = cfg.load_model()  # dtype, gradient checkpointing, device
     with run_lock(out):
         prepare_run_dir(cfg, out)
-        if isinstance(_json_or_none(out / "results.json"), dict):
+        if isinstance(json_or_none(out / "results.json"), dict):
             return read_json(out / "results.json")
         remove_temp_leftovers(out)
         base = frozen_copy(model)  # the reference of every stage, and the shift's π0
         stream = _Stream(cfg, out, say, model, tokenizer, base)
         checkpoint = out / "stream" / "checkpoint"
         _check_resume_point(cfg, out, checkpoint, say)
-        if not isinstance(_json_or_none(_point_file(out, 0)), dict):
+        if not isinstance(json_or_none(_point_file(out, 0)), dict):
             stream.evaluate_point(0, model)
 
-        seed = cfg.seed * 1000
+        seed = cfg.stage_seed(0)
         seed_everything(seed)
         state = MethodState()
         objectives = []
@@ -281,7 +279,7 @@ def run_streaming(cfg: ExperimentConfig, out: str | Path, say: Progress | None =
             ctx = StageContext(
                 model=model, reference=base, tokenizer=tokenizer, task_name=task_name,
                 task=task_registry.get(task_name), stage_index=k, seen_tasks=cfg.stage_tasks()[:k],
-                seed=seed + k, state=state, engine=cfg.engine, log=stream.log,
+                seed=cfg.stage_seed(k), state=state, engine=cfg.engine, log=stream.log,
             )
             objectives.append(build_objective(method, ctx))
         ends = stream.ends
@@ -324,7 +322,7 @@ def _check_resume_point(cfg: ExperimentConfig, out: Path, checkpoint: Path, say:
     for p in eval_points(cfg):
         if p > step or (p == step and not _point_file(out, p).exists()):
             continue
-        problem = None if isinstance(_json_or_none(_point_file(out, p)), dict) else f"{_point_file(out, p)}: unreadable"
+        problem = None if isinstance(json_or_none(_point_file(out, p)), dict) else f"{_point_file(out, p)}: unreadable"
         for k, end in enumerate(ends):
             if end == p and problem is None:
                 problem = verify_manifest(out / "stages" / str(k + 1) / "model")

@@ -56,6 +56,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from retain.config import ExperimentConfig, parse_experiment
 from retain.errors import RetainError
 from retain.io import atomic_write_json
+from retain.yaml_input import field_error, read_yaml
 
 Progress = Callable[[str, dict[str, Any]], None]  # "plan", "skip", "start", "done", "failed"
 MAX_ATTEMPTS = 2  # a failed run is retried once
@@ -122,26 +123,14 @@ def parse_sweep(data: Any, source: str = "sweep") -> SweepConfig:
     extra = {k: data[k] for k in ("grid", "resources") if k in data}
     try:
         cfg = SweepConfig(base=body, **extra)
-    except ValidationError as err:
-        first = err.errors()[0]
-        loc = ".".join(str(p) for p in first["loc"] if p != "grid")  # grid messages name their key
-        raise RetainError(f"{source}: {loc + ': ' if loc else ''}{first['msg'].removeprefix('Value error, ')}") from None
+    except ValidationError as err:  # grid messages name their key
+        raise field_error(err, source, lambda loc: [str(p) for p in loc if p != "grid"]) from None
     parse_experiment(cfg.base, source)  # the base experiment alone must be valid
     return cfg
 
 
 def load_sweep(path: str | Path) -> SweepConfig:
-    path = Path(path)
-    if not path.is_file():
-        raise RetainError(f"sweep file not found: {path}")
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except yaml.YAMLError as err:
-        mark = getattr(err, "problem_mark", None)
-        raise RetainError(f"{path}: not valid YAML{f' (line {mark.line + 1})' if mark else ''}") from None
-    except UnicodeDecodeError:
-        raise RetainError(f"{path}: not UTF-8 text") from None
-    return parse_sweep(data, str(path))
+    return parse_sweep(read_yaml(path, "sweep"), str(path))
 
 
 # --- grid expansion ------------------------------------------------------------------------------------------------

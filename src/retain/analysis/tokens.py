@@ -16,11 +16,11 @@ import numpy as np
 import torch
 from transformers import PreTrainedTokenizerBase
 
-from retain.losses import token_entropy, token_logprobs
+from retain.losses import CONFLICT_ENTROPY_MAX, CONFLICT_PROB_MAX, token_entropy, token_logprobs
 from retain.scoring import teacher_forced
 
-ENTROPY_MAX = 0.5
-PROB_MAX = 0.1
+ENTROPY_MAX = CONFLICT_ENTROPY_MAX
+PROB_MAX = CONFLICT_PROB_MAX
 
 
 @dataclass

@@ -8,7 +8,6 @@ the replay buffer, merging a per-stage adapter. The runner calls it without know
 
 from __future__ import annotations
 
-import copy
 import random
 from pathlib import Path
 from typing import Any, Callable
@@ -19,7 +18,8 @@ from transformers import PreTrainedTokenizerBase
 from retain import tasks as task_registry
 from retain.data import encode_answer, encode_prompt
 from retain.distributed import make_accelerator, train_device
-from retain.methods import adapters
+from retain.models import adapters
+from retain.models.adapters import frozen_copy
 from retain.methods.config import (
     ConflictMaskedLoss, DistillReg, EAFTLoss, EWCReg, KLRefReg, L2SPReg, MethodConfig, OnPolicyData, method_config,
 )
@@ -29,18 +29,6 @@ from retain.methods.sft import SFTObjective, conflict_masking, eaft_weighting, n
 from retain.methods.sources import PairSource, build_source, reference_pairs
 from retain.methods.stage import MethodState, StageContext
 from retain.train import Trainer
-
-
-def _train_device(device: str = "auto") -> torch.device:
-    return train_device(device)
-
-
-def frozen_copy(model: torch.nn.Module) -> torch.nn.Module:
-    ref = copy.deepcopy(adapters.merged_copy(model))
-    ref.eval()
-    for p in ref.parameters():
-        p.requires_grad_(False)
-    return ref
 
 
 def _load_source_model(path: str) -> torch.nn.Module:
@@ -112,7 +100,7 @@ def train_stage(
     ``on_step(step, model)`` runs after every optimizer step (the runner's in-stage checkpoint evaluations)."""
     cfg = method_config(method)
     state = state if state is not None else MethodState()
-    model.to(_train_device(device))  # before the frozen copy, so the reference sits where the policy computes
+    model.to(train_device(device))  # before the frozen copy, so the reference sits where the policy computes
     reference = frozen_copy(model)
     if cfg.adapter is not None:
         model = adapters.attach(model, cfg.adapter)

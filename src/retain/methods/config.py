@@ -14,7 +14,9 @@ from typing import Annotated, Any, Literal, Union
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from retain.errors import RetainError
+from retain.losses import CONFLICT_ENTROPY_MAX, CONFLICT_PROB_MAX
 from retain.train import TrainConfig
+from retain.yaml_input import field_error
 
 
 class _Strict(BaseModel):
@@ -101,8 +103,8 @@ class ConflictMaskedLoss(_Strict):
     """Drop target tokens that are confident conflicts under the current model (SPEC §2.3)."""
 
     kind: Literal["conflict_masked"] = "conflict_masked"
-    entropy_max: float = Field(0.5, gt=0)
-    prob_max: float = Field(0.1, gt=0, le=1)
+    entropy_max: float = Field(CONFLICT_ENTROPY_MAX, gt=0)
+    prob_max: float = Field(CONFLICT_PROB_MAX, gt=0, le=1)
 
 
 class GRPOLoss(_Strict):
@@ -288,10 +290,7 @@ def method_config(spec: str | dict[str, Any] | MethodConfig, where: str = "metho
     try:
         return MethodConfig.model_validate(merged)  # not **merged: a YAML key may be a number or null
     except ValidationError as err:
-        first = err.errors()[0]
-        loc = ".".join(user_path(first["loc"]))
-        field = f"{where}.{loc}" if loc else where
-        raise RetainError(f"{field}: {first['msg'].removeprefix('Value error, ')}") from None
+        raise field_error(err, "", lambda loc: [where, *user_path(loc)]) from None
 
 
 _TAGS = {"offline", "self", "iterative", "on_policy", "multitask", "nll", "eaft", "conflict_masked", "grpo",

@@ -97,10 +97,3 @@ class SFTObjective:
             loss = loss + extra
             metrics.update(reg_metrics)
         return loss, metrics
-
-
-def next_token_ce(logits: torch.Tensor, labels: torch.Tensor, denominator: int | None = None) -> torch.Tensor:
-    """Σ −log p over positions whose label is not IGNORE (logits at t predict label t+1) / ``denominator``."""
-    targets = labels[:, 1:]
-    mask = targets != IGNORE
-    return sft_loss(logits[:, :-1], mask, targets=targets, num_items=denominator)

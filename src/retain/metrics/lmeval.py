@@ -51,7 +51,7 @@ def evaluate_general(
     if not tasks:
         raise RetainError("evaluate_general: no lm-eval tasks given")
     lm_eval, HFLM = require_lm_eval()
-    from retain.methods.adapters import merged_copy
+    from retain.models.adapters import merged_copy
 
     model = merged_copy(model)  # lm_eval sees plain weights; the caller's model (and adapter) is left as it is
     was_training = model.training

@@ -50,8 +50,3 @@ def build_tokenizer() -> PreTrainedTokenizerFast:
     )
     tok.chat_template = CHAT_TEMPLATE
     return tok
-
-
-def prompt_text(user: str) -> str:
-    """The model input for a user message, as text (chat template with the generation prompt)."""
-    return f"{USER}{user}{ASSISTANT}"

@@ -36,9 +36,10 @@ from typing import Any
 
 import numpy as np
 
-from retain.compare import run_row
+from retain.compare import method_lr, method_names
 from retain.errors import RetainError
 from retain.io import read_json
+from retain.losses import CONFLICT_ENTROPY_MAX, CONFLICT_PROB_MAX
 from retain.metrics import mean_ci
 from retain.report.matched import run_points
 
@@ -63,20 +64,7 @@ PREFERRED_ORDER = ("sft", "grpo", "self_sft", "iterative_sft", "eaft", "conflict
 
 
 def _method_and_lr(results: dict[str, Any]) -> tuple[str, float | None]:
-    cfg = results["config"]
-    name = run_row("", results)["method"]
-    spec = cfg.get("method")
-    lr = None
-    if isinstance(spec, dict):
-        lr = (spec.get("train") or {}).get("lr")
-    if lr is None:
-        try:  # a bare preset name: its default lr
-            from retain.methods.config import method_config
-
-            lr = method_config(spec).train.lr
-        except Exception:  # noqa: BLE001 - a custom or unknown method: the lr stays unknown
-            lr = None
-    return name, (float(lr) if lr is not None else None)
+    return method_names(results), method_lr(results)
 
 
 def _load_results(path: Path) -> dict[str, Any] | None:
@@ -252,8 +240,8 @@ def aggregate(root: str | Path) -> dict[str, Any]:
             if "entropy_max" in s:
                 thresholds = {"entropy_max": s["entropy_max"], "prob_max": s["prob_max"]}
                 break
-    thresholds.setdefault("entropy_max", 0.5)
-    thresholds.setdefault("prob_max", 0.1)
+    thresholds.setdefault("entropy_max", CONFLICT_ENTROPY_MAX)
+    thresholds.setdefault("prob_max", CONFLICT_PROB_MAX)
 
     run_rows = []
     for r in runs:

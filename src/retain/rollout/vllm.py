@@ -64,7 +64,7 @@ def policy_weights(model: torch.nn.Module) -> Iterator[tuple[str, torch.Tensor]]
     """(name, tensor) of every parameter under its Hugging Face checkpoint name — what vLLM's ``load_weights``
     takes. Tied weights come once (as ``named_parameters`` gives them). A peft LoRA model yields its base weights
     with each adapter's delta added (the model is not modified) and no adapter tensors."""
-    from retain.methods.adapters import is_adapted
+    from retain.models.adapters import is_adapted
 
     if not is_adapted(model):
         for name, param in model.named_parameters():
@@ -90,7 +90,7 @@ def policy_weights(model: torch.nn.Module) -> Iterator[tuple[str, torch.Tensor]]
 
 
 def _base_model(model: torch.nn.Module) -> torch.nn.Module:
-    from retain.methods.adapters import is_adapted
+    from retain.models.adapters import is_adapted
 
     return model.get_base_model() if is_adapted(model) else model
 

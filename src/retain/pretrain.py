@@ -4,15 +4,14 @@ The mixture is mostly prior skills (fact recall, string reversal, the single-dig
 each sequence task's ``pretrain`` split — a part of the task space disjoint from the ``train`` and ``test``
 splits — so the base model can partly solve the new tasks and on-policy RL has signal, yet has headroom.
 Deterministic for a seed on a given machine and thread count. Output: a HF model directory (safetensors,
-tokenizer with chat template, config) with ``eval.json`` (per-task accuracy) and ``pretrain.json`` (the config,
-wall time, peak memory).
+tokenizer with chat template, config, published atomically with its manifest) with ``eval.json`` (per-task
+accuracy) and ``pretrain.json`` (the config, wall time, peak memory).
 """
 
 from __future__ import annotations
 
 import random
 import resource
-import shutil
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -22,10 +21,10 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from retain import tasks as task_registry
 from retain.data import encode_answer, encode_prompt
-from retain.io import atomic_write_json
 from retain.methods.sft import Pair, SFTObjective
 from retain.models.tiny import PRESETS, make_model
 from retain.models.tokenizer import build_tokenizer
+from retain.rundir import save_model_dir
 from retain.train import TrainConfig, Trainer, seed_everything
 
 DEFAULT_MIXTURE = {"facts": 0.32, "reverse": 0.17, "arith": 0.17, "gpoints": 0.16, "kg": 0.10, "countdown": 0.08}
@@ -116,13 +115,5 @@ def pretrain(
         "torch_threads": torch.get_num_threads(),
         "torch_version": torch.__version__,
     }
-    tmp = out.with_name(out.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp, safe_serialization=True)
-    tok.save_pretrained(tmp)
-    atomic_write_json(tmp / "eval.json", scores)
-    atomic_write_json(tmp / "pretrain.json", summary)
-    if out.exists():
-        shutil.rmtree(out)
-    tmp.rename(out)
+    save_model_dir(model, tok, out, extra={"eval.json": scores, "pretrain.json": summary})
     return {"eval": scores, **summary}

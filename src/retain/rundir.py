@@ -1,0 +1,185 @@
+"""The run directory's lifecycle, shared by the batch runner, streaming mode and pretraining: one process per
+directory (a lock), the resolved config written first and checked on resume, a killed process's temp files removed,
+faults reported, the training log cut back to what is kept, finished stages verified, and model and state
+directories published atomically with a manifest of their files' sha256.
+
+Every file is written atomically (temp + rename; directories built beside and renamed), so a crash at any moment
+leaves either the previous state or the next one.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import logging
+import platform
+import shutil
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import torch
+import yaml
+
+import retain
+from retain.config import ExperimentConfig
+from retain.errors import RetainError
+from retain.io import (
+    append_jsonl, atomic_write_json, atomic_write_text, fault_point, publish_dir, read_json, read_jsonl,
+    verify_manifest, write_manifest,
+)
+from retain.methods.stage import MethodState
+from retain.models.adapters import merged_copy
+
+Progress = Callable[[str, dict[str, Any]], None]  # (event, data): "stage_start", "step", "eval", "stage_done", "warning"
+
+logger = logging.getLogger("retain")
+
+
+def quiet(event: str, data: dict[str, Any]) -> None:
+    """The progress callback of a caller that wants none."""
+
+
+def warn(out: Path, say: Progress, message: str, **data: Any) -> None:
+    """Report a fault the run recovered from: a logged warning, a record in ``DIR/events.jsonl``, a progress event."""
+    logger.warning(message)
+    append_jsonl(out / "events.jsonl", {"event": "warning", "message": message, "time": round(time.time(), 3), **data})
+    say("warning", {"message": message, **data})
+
+
+@contextmanager
+def run_lock(out: Path) -> Iterator[None]:
+    """One process per run directory: a second gets a clear refusal instead of corrupting the first's files."""
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):
+        raise RetainError(f"run directory {out}: a file is in the way (give a directory)") from None
+    except PermissionError:
+        raise RetainError(f"run directory {out}: permission denied") from None
+    handle = open(out / ".lock", "w")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.close()
+        raise RetainError(f"run directory {out} is in use by another retain process") from None
+    try:
+        yield
+    finally:
+        fcntl.flock(handle, fcntl.LOCK_UN)
+        handle.close()
+
+
+def versions() -> dict[str, str]:
+    import transformers
+
+    return {
+        "retain": retain.__version__,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "platform": platform.platform(),
+        "torch_threads": str(torch.get_num_threads()),
+    }
+
+
+def json_or_none(path: Path) -> Any:
+    """The parsed JSON file, or ``None`` when it is absent or unreadable (a torn or damaged write)."""
+    try:
+        return read_json(path)
+    except (OSError, ValueError):
+        return None
+
+
+def prepare_run_dir(cfg: ExperimentConfig, out: Path) -> int:
+    """Write or check DIR/config.yaml; return the number of finished stages (0 for a new run)."""
+    resolved = yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=True)
+    config_file = out / "config.yaml"
+    if config_file.exists():
+        try:
+            held = yaml.safe_load(config_file.read_text(encoding="utf-8"))
+        except (yaml.YAMLError, UnicodeDecodeError):
+            raise RetainError(f"{config_file} is damaged (not YAML): restore it, or choose another --out") from None
+        if held != yaml.safe_load(resolved):
+            raise RetainError(f"{out} holds a run of a different config; choose another --out or delete it")
+    else:
+        atomic_write_text(config_file, resolved)
+    done = 0
+    while (out / "stages" / str(done + 1) / "stage.json").exists():
+        done += 1
+    return done
+
+
+def remove_temp_leftovers(out: Path) -> None:
+    """Delete what a killed process was writing (``*.tmp`` files and directories); call it holding the lock."""
+    for path in sorted(out.rglob("*.tmp"), key=lambda p: len(p.parts), reverse=True):
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
+
+
+def verified_stages(out: Path, done: int, say: Progress) -> int:
+    """The number of finished stages whose results can be built on: stage ``done``'s stage.json must parse and its
+    model and state directories must match their manifests (the next stage starts from them). A stage that fails
+    is reported and un-finished (its stage.json removed), and the one before it is checked in turn."""
+    while done > 0:
+        stage_dir = out / "stages" / str(done)
+        problem = None
+        if not isinstance(json_or_none(stage_dir / "stage.json"), dict):
+            problem = f"{stage_dir / 'stage.json'}: unreadable"
+        else:
+            problem = verify_manifest(stage_dir / "model") or verify_manifest(stage_dir / "state")
+        if problem is None:
+            return done
+        (stage_dir / "stage.json").unlink(missing_ok=True)
+        warn(out, say, f"stage {done} is damaged ({problem}); redoing it from stage {done - 1}",
+             kind="corrupt_stage", stage=done, problem=problem)
+        done -= 1
+    return 0
+
+
+def keep_log(out: Path, keep: Callable[[dict[str, Any]], bool]) -> None:
+    """Rewrite ``DIR/steps.jsonl`` with the records ``keep`` accepts (torn lines dropped): a resumed run redoes the
+    rest, so the log holds each step once."""
+    path = out / "steps.jsonl"
+    if path.exists():
+        atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in read_jsonl(path) if keep(r)))
+
+
+def save_model_dir(model, tokenizer, path: Path, extra: dict[str, Any] | None = None) -> None:
+    """Publish ``model`` (plain weights: an adapter is merged into a copy) and its tokenizer as a Hugging Face
+    directory at ``path``, with ``extra`` JSON files beside them (name → content) and its manifest, atomically."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    merged_copy(model).save_pretrained(tmp, safe_serialization=True)
+    tokenizer.save_pretrained(tmp)
+    for name, content in (extra or {}).items():
+        atomic_write_json(tmp / name, content)
+    write_manifest(tmp)
+    fault_point("model_dir")
+    publish_dir(tmp, path)
+
+
+def save_state(state: MethodState, path: Path) -> None:
+    """Publish the method's carried state (EWC Fisher, replay buffers) at ``path``, with its manifest, atomically."""
+    from safetensors.torch import save_file
+
+    tmp = path.with_name(path.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    tensors = state.to_tensors()
+    if tensors:
+        save_file(tensors, str(tmp / "tensors.safetensors"))
+    atomic_write_json(tmp / "replay.json", state.replay)
+    write_manifest(tmp)
+    fault_point("state_dir")
+    publish_dir(tmp, path)
+
+
+def load_state(path: Path) -> MethodState:
+    from safetensors.torch import load_file
+
+    tensors = load_file(str(path / "tensors.safetensors")) if (path / "tensors.safetensors").exists() else {}
+    return MethodState.from_tensors(tensors, read_json(path / "replay.json"))
