@@ -114,5 +114,5 @@ class TeacherKLObjective(GRPOObjective):
             t_logits = self._teacher_logits(teacher, batch, device, logits.shape)
         kl = distill_kl(logits, t_logits, mask, self.kl.direction, self.data.temperature)
         loss = aggregate(kl, mask, "dapo", num_items=batch.total_tokens)
-        token_mean = float(kl[mask].mean()) if mask.any() else 0.0
+        token_mean = float(kl.detach()[mask].mean()) if mask.any() else 0.0
         return loss, {**batch.metrics, "teacher_kl": token_mean}
