@@ -114,11 +114,18 @@ def test_sdft_teacher_reads_the_demonstration_aligned_with_the_students_completi
 
 
 def test_ema_teacher_moves_towards_the_live_weights(micro_model, tokenizer):
-    t, s = [torch.tensor([1.0, 2.0])], [torch.tensor([3.0, 0.0])]
+    t, s = torch.nn.Linear(2, 1, bias=False), torch.nn.Linear(2, 1, bias=False)
+    with torch.no_grad():
+        t.weight.copy_(torch.tensor([[1.0, 2.0]]))
+        s.weight.copy_(torch.tensor([[3.0, 0.0]]))
     ema_update(t, s, 0.25)
-    torch.testing.assert_close(t[0], torch.tensor([1.5, 1.5]))  # 0.75·θ_T + 0.25·θ_S
+    torch.testing.assert_close(t.weight, torch.tensor([[1.5, 1.5]]))  # 0.75·θ_T + 0.25·θ_S
     ema_update(t, s, 1.0)
-    torch.testing.assert_close(t[0], s[0])
+    torch.testing.assert_close(t.weight, s.weight)
+    from retain.errors import RetainError
+
+    with pytest.raises(RetainError, match="parameters differ"):
+        ema_update(torch.nn.Linear(2, 1), s, 0.5)  # a bias the student lacks
     task = StubTask(n=5, reward_fn=varied_reward)
     obj = objective("opd", micro_model, tokenizer, task, loss={"teacher": "ema", "ema_rate": 0.5, "refresh_every": 2})
     start = obj.teacher.model.norm.weight.detach().clone()
@@ -255,3 +262,38 @@ def test_runner_and_training_loop_name_no_method():
     for file in ("runner.py", "train.py"):
         found = (set(PRESETS) - {"replay"}) & code_words(src / file) | kinds & code_words(src / file)
         assert not found, (file, sorted(found))  # "replay" is left out: the runner saves the carried state's buffers
+
+
+def test_retain_methods_lists_every_preset_with_its_parts_and_source(capsys):
+    import json
+
+    from retain.cli import main
+    from retain.methods.catalog import method_table
+    from retain.methods.config import PRESETS
+
+    rows = method_table()
+    assert [r["name"] for r in rows] == list(PRESETS)
+    assert all(r["source"] and r["data"] and r["loss"] and r["regularizer"] for r in rows)
+    by_name = {r["name"]: r for r in rows}
+    assert (by_name["dft"]["data"], by_name["dft"]["loss"], by_name["dft"]["regularizer"]) == ("offline", "dft", "none")
+    assert by_name["grpo_positive"]["loss"] == "grpo(positive_only=True)"
+    assert by_name["chord"]["regularizer"] == "sft_mix(weight_end=0.1)"
+    assert "2601.19897" in by_name["sdft"]["source"] and "direction=forward" in by_name["sdft"]["loss"]
+    main(["methods", "--json"])
+    assert json.loads(capsys.readouterr().out) == rows
+
+
+def test_on_policy_distillation_as_a_recover_stage_between_tasks():
+    """A "recover" stage: after GeneralPoints, distil the prior skill ``reverse`` back towards the embedded base on
+    the student's own samples, then go on to Countdown — one config line per stage, the runner unchanged."""
+    from retain.config import parse_experiment
+
+    cfg = parse_experiment({"name": "recover", "model": "base", "method": "sft", "stages": [
+        {"task": "gpoints"},
+        {"task": "reverse", "method": {"name": "opd", "loss": {"teacher": "base"}}},
+        {"task": "countdown"},
+    ]})
+    recover = cfg.stage_method(1)
+    assert (recover.data.kind, recover.loss.kind, recover.loss.teacher, recover.loss.direction) == (
+        "on_policy", "teacher_kl", "base", "reverse")
+    assert cfg.stage_method(0).loss.kind == cfg.stage_method(2).loss.kind == "nll"

@@ -17,7 +17,7 @@ Resuming a run mid-stage restarts an EMA teacher from the stage's start (its wei
 from __future__ import annotations
 
 import copy
-from typing import Callable, Iterable
+from typing import Callable
 
 import torch
 
@@ -29,11 +29,16 @@ from retain.methods.grpo import GRPOObjective, RolloutBatch
 from retain.methods.stage import StageContext
 
 
-def ema_update(teacher: Iterable[torch.Tensor], student: Iterable[torch.Tensor], rate: float) -> None:
-    """θ_T ← (1 − rate)·θ_T + rate·θ_S, in place, parameter by parameter (``rate`` 1 copies the student)."""
+def ema_update(teacher: torch.nn.Module, student: torch.nn.Module, rate: float) -> None:
+    """θ_T ← (1 − rate)·θ_T + rate·θ_S, in place, parameter by parameter matched by name (``rate`` 1 copies the
+    student). Both must hold the same parameters: a mismatch is an error, never a silent partial update."""
+    mine = dict(teacher.named_parameters())
+    theirs = dict(student.named_parameters())
+    if set(mine) != set(theirs):
+        raise RetainError(f"ema teacher: parameters differ from the student's ({sorted(set(mine) ^ set(theirs))[:3]})")
     with torch.no_grad():
-        for t, s in zip(teacher, student, strict=True):
-            t.mul_(1.0 - rate).add_(s.detach().to(t.device, t.dtype), alpha=rate)
+        for name, t in mine.items():
+            t.mul_(1.0 - rate).add_(theirs[name].detach().to(t.device, t.dtype), alpha=rate)
 
 
 def fill_template(template: str, prompt: str, demonstration: str) -> str:
@@ -75,7 +80,7 @@ class TeacherKLObjective(GRPOObjective):
 
     def batches(self, step: int) -> list[RolloutBatch]:
         if self.kl.teacher == "ema" and step > self.synced_at and step % self.kl.refresh_every == 0:
-            ema_update(self.teacher.parameters(), self.ctx.model.parameters(), self.kl.ema_rate)
+            ema_update(self.teacher, self.ctx.model, self.kl.ema_rate)
             self.synced_at = step
         return super().batches(step)
 
