@@ -116,7 +116,9 @@ FINDINGS: tuple[MatchedFinding, ...] = (
     MatchedFinding("11", "Self-distillation with a live teacher (SDFT) forgets the first task more than GRPO "
                          "over a sequence",
                    "Denser ≠ Better: on a 4-stage sequence (Qwen3-4B) on-policy self-distillation forgets more than "
-                   "GRPO; GRPO keeps its gains", "sdft_live", "grpo", 2, "first_task_drop", +1,
+                   "GRPO; GRPO keeps its gains (retain's sdft_live: the model shown the reference answer teaches "
+                   "itself on the bare prompt, per-token forward KL(teacher ‖ student) over the vocabulary — the "
+                   "direction the SDFT authors report using, though the paper writes reverse)", "sdft_live", "grpo", 2, "first_task_drop", +1,
                    ("prior_drop", "prior_nll")),
     MatchedFinding("12", "Average accuracy over the sequence: GRPO above SFT",
                    "Lai: average accuracy SFT 54.0, GRPO 60.0 (7 tasks, Qwen2.5-VL-7B)", "grpo", "sft", 2,
