@@ -140,6 +140,7 @@ def test_custom_and_passthrough():
         ({"name": "psft", "train": {"checkpoint_every": 3}}, "method", ["checkpoint_every", "updates_per_batch"]),
         ({"name": "psft", "data": {"kind": "iterative"}}, "method", ["psft", "iterative"]),
         ({"name": "sft", "data": {"prompts": "some"}}, "method.data.prompts", ["varied"]),
+        ({"name": "opd", "loss": {"teacher": "ema"}, "adapter": {}}, "method", ["ema", "adapter"]),
     ],
 )
 def test_invalid_configs_name_the_field(spec, prefix, words):

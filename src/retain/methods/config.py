@@ -166,7 +166,6 @@ class TeacherKLLoss(_Strict):
         return self
 
 
-
 class GRPOLoss(_Strict):
     """``positive_only``: advantages clamped at ≥ 0 — only the better-than-average samples are pushed up, nothing is
     pushed down (online rejection-sampling fine-tuning; Huan's "negative gradients matter")."""
@@ -311,6 +310,8 @@ class MethodConfig(_Strict):
         kinds = [r.kind for r in self.regularizers]
         if len(set(kinds)) != len(kinds):
             raise ValueError(f"regularizers repeat a kind: {kinds}")
+        if self.adapter is not None and isinstance(self.loss, TeacherKLLoss) and self.loss.teacher == "ema":
+            raise ValueError("an ema teacher follows the full weights, which an adapter keeps frozen")
         if self.adapter is not None and {"l2sp", "ewc"} & set(kinds):
             raise ValueError("regularizers l2sp/ewc anchor the full weights, which an adapter keeps frozen")
         every = self.train.checkpoint_every

@@ -61,8 +61,6 @@ class TeacherKLObjective(GRPOObjective):
         super().__init__(cfg, ctx, grpo=GRPOLoss())  # rollouts only: no reference log-probs, advantages logged
         self.kl = cfg.loss
         device = next(ctx.model.parameters()).device
-        if self.kl.teacher == "ema" and cfg.adapter is not None:
-            raise RetainError(f"{cfg.name}: an ema teacher follows the full weights, which an adapter keeps frozen")
         if self.kl.teacher == "start":
             self.teacher: torch.nn.Module | None = ctx.reference
         elif self.kl.teacher == "ema":
