@@ -131,9 +131,11 @@ def test_ema_teacher_moves_towards_the_live_weights(micro_model, tokenizer):
     start = obj.teacher.model.norm.weight.detach().clone()
     with torch.no_grad():
         micro_model.model.norm.weight.add_(1.0)
-    obj.batches(1)  # not a refresh step
+    obj.refresh_teacher(1)  # not a refresh step (batches(step) calls it before the step's rollout)
     torch.testing.assert_close(obj.teacher.model.norm.weight, start)
-    obj.batches(2)
+    obj.refresh_teacher(2)
+    torch.testing.assert_close(obj.teacher.model.norm.weight, start + 0.5)
+    obj.refresh_teacher(2)  # once per step, however often the step's batches are asked for
     torch.testing.assert_close(obj.teacher.model.norm.weight, start + 0.5)
 
 
@@ -206,8 +208,16 @@ def test_gpoints_prompt_variants_keep_cards_rule_and_target():
 
 # --- end to end: each new preset trains through train_stage --------------------------------------------------------
 
+def test_dft_is_the_sft_objective_with_dft_weighting(micro_model, tokenizer, registry):
+    from retain.methods.sft import SFTObjective, dft_weighting
+
+    registry["stub"] = StubTask("stub", n=4)
+    obj = build_objective(method_config({"name": "dft", "batch_size": 4}), make_ctx(micro_model, tokenizer,
+                                                                                    registry["stub"]))
+    assert isinstance(obj, SFTObjective) and obj.weighting is dft_weighting  # its loss is checked against TRL
+
+
 E2E = {  # the objectives above are built by build_objective; these go through train_stage and the Trainer too
-    "dft": {"batch_size": 4},
     "psft": {"batch_size": 4, "loss": {"updates_per_batch": 2}},
     "opd": {**ON_POLICY, "loss": {"teacher": "ema", "ema_rate": 0.5}},
 }

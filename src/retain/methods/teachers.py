@@ -76,10 +76,14 @@ class TeacherKLObjective(GRPOObjective):
                 self.teacher_prompts[tuple(encode_prompt(ctx.tokenizer, e.prompt))] = encode_prompt(
                     ctx.tokenizer, fill_template(self.kl.template, e.prompt, e.answer))
 
-    def batches(self, step: int) -> list[RolloutBatch]:
+    def refresh_teacher(self, step: int) -> None:
+        """An EMA teacher takes its step towards the live weights at steps refresh_every, 2·refresh_every, …"""
         if self.kl.teacher == "ema" and step > self.synced_at and step % self.kl.refresh_every == 0:
             ema_update(self.teacher, self.ctx.model, self.kl.ema_rate)
             self.synced_at = step
+
+    def batches(self, step: int) -> list[RolloutBatch]:
+        self.refresh_teacher(step)
         return super().batches(step)
 
     def _teacher_logits(self, teacher: torch.nn.Module, batch: RolloutBatch, device, shape) -> torch.Tensor:
