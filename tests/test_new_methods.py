@@ -208,17 +208,22 @@ def test_gpoints_prompt_variants_keep_cards_rule_and_target():
 
 # --- end to end: each new preset trains through train_stage --------------------------------------------------------
 
-def test_dft_is_the_sft_objective_with_dft_weighting(micro_model, tokenizer, registry):
+def test_dft_and_psft_are_built_from_the_sft_objective(micro_model, tokenizer, registry):
     from retain.methods.sft import SFTObjective, dft_weighting
 
     registry["stub"] = StubTask("stub", n=4)
     obj = build_objective(method_config({"name": "dft", "batch_size": 4}), make_ctx(micro_model, tokenizer,
                                                                                     registry["stub"]))
     assert isinstance(obj, SFTObjective) and obj.weighting is dft_weighting  # its loss is checked against TRL
+    from retain.methods.psft import ProximalSFTObjective
+
+    psft = build_objective(method_config({"name": "psft", "batch_size": 4, "loss": {"updates_per_batch": 3}}),
+                           make_ctx(micro_model, tokenizer, registry["stub"]))
+    assert isinstance(psft, ProximalSFTObjective) and (psft.mu, psft.eps) == (3, 0.2)
 
 
-E2E = {  # the objectives above are built by build_objective; these go through train_stage and the Trainer too
-    "psft": {"batch_size": 4, "loss": {"updates_per_batch": 2}},
+E2E = {  # the objectives above are built by build_objective; this one goes through train_stage and the Trainer
+    # too (the Trainer fuses the model's layers: the EMA teacher must still match its parameters by name)
     "opd": {**ON_POLICY, "loss": {"teacher": "ema", "ema_rate": 0.5}},
 }
 
