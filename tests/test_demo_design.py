@@ -49,7 +49,18 @@ def test_the_core_contrast_has_its_seeds_and_the_full_preset_eight() -> None:
     assert {"sft", "grpo"} <= set(PRESETS["default"].methods)
     assert len(PRESETS["full"].seeds) >= 8 and len(PRESETS["full"].sequence) >= 2
     assert {"sft", "grpo", "self_sft", "iterative_sft", "eaft", "conflict_sft", "replay", "multitask", "sft_likely",
-            "sft_unlikely"} == set(PRESETS["full"].methods)
+            "sft_unlikely", "grpo_positive", "sdft_live", "sft_varied", "dft", "psft", "chord", "sdft"} == set(
+        PRESETS["full"].methods)
+
+
+def test_methods_on_their_own_samples_get_grpos_rollout_budget() -> None:
+    preset = PRESETS["full"]
+    for name in ("grpo_positive", "sdft_live", "sdft", "chord"):
+        method = parse_experiment(preset.experiment("x", name, 1e-4, 0, "base")).stage_method(0)
+        assert (method.data.prompts_per_step, method.data.group_size, method.data.reward) == (
+            preset.grpo_prompts, preset.grpo_group, "binary")
+        assert preset.budget(name) == preset.budget("grpo")
+    assert parse_experiment(preset.experiment("x", "grpo_positive", 1e-4, 0, "base")).stage_method(0).loss.positive_only
 
 
 def test_replay_in_the_demo_replays_the_prior_skills() -> None:

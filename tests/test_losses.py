@@ -26,8 +26,11 @@ from hypothesis import strategies as st
 from retain.losses import (
     aggregate,
     confident_conflict_mask,
+    dft_weights,
     distill_kl,
     eaft_weights,
+    linear_weight,
+    proximal_sft_loss,
     grpo_token_loss,
     group_advantages,
     kl_estimate,
@@ -634,10 +637,80 @@ def test_sft_loss_matches_trl(tiny_model_dir, tmp_path, loss_type, num_items):
     logits = model(input_ids=input_ids, attention_mask=attention).logits
     targets, mask = labels[:, 1:], labels[:, 1:] != -100
     logp = token_logprobs(logits[:, :-1], targets)
-    weights = logp.exp().detach() if loss_type == "dft" else None
+    weights = dft_weights(logits[:, :-1], targets) if loss_type == "dft" else None
     ours = sft_loss(logp, mask, weights, num_items=num_items)
     ours.backward()
     our_grads = _grads(model)
 
     assert abs(theirs.item() - ours.item()) < ATOL
     _assert_grads_close(their_grads, our_grads)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# (5) later methods: DFT, PSFT, CHORD's schedule, SDFT / on-policy distillation divergences
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def test_dft_weight_and_loss_by_hand():
+    logits = torch.tensor([[[0.0, 0.0], [math.log(3.0), 0.0]]], requires_grad=True)  # p(target 0) = 0.5, 0.75
+    targets = torch.tensor([[0, 0]])
+    w = dft_weights(logits, targets)
+    torch.testing.assert_close(w, torch.tensor([[0.5, 0.75]]))
+    assert not w.requires_grad
+    mask = torch.tensor([[True, True]])
+    loss = sft_loss(logits, mask, w, targets=targets)
+    # (0.5·ln 2 + 0.75·ln(4/3)) / 2 tokens — the token count, not the weight sum 1.25
+    assert loss.item() == pytest.approx((0.5 * math.log(2) + 0.75 * math.log(4 / 3)) / 2, abs=1e-6)
+    assert sft_loss(logits[:, :1], mask[:, :1], w[:, :1], targets=targets[:, :1]).item() == pytest.approx(0.346574,
+                                                                                                          abs=1e-6)
+
+
+def test_proximal_sft_loss_worked_values_and_gradient():
+    logp = torch.tensor([[-1.0, -1.5]], requires_grad=True)
+    old = torch.tensor([[-1.3, -1.3]])
+    mask = torch.tensor([[True, True]])
+    loss = proximal_sft_loss(logp, old, mask, eps=0.2)
+    # token 1: ρ = e^0.3 = 1.349859 > 1.2 → −1.2, clipped; token 2: ρ = e^−0.2 = 0.818731 → −0.818731
+    assert loss.item() == pytest.approx((-1.2 - 0.818731) / 2, abs=1e-6)
+    loss.backward()
+    torch.testing.assert_close(logp.grad, torch.tensor([[0.0, -0.818731 / 2]]), atol=1e-6, rtol=0)
+    # on the pre-update policy itself (ρ = 1) it is SFT: value −1 per token, gradient −1/N per token of log π
+    lp = torch.tensor([[-0.7, -2.0, -0.1]], requires_grad=True)
+    m = torch.tensor([[True, False, True]])
+    v = proximal_sft_loss(lp, lp.detach(), m, num_items=4)
+    v.backward()
+    assert v.item() == pytest.approx(-2 / 4)
+    torch.testing.assert_close(lp.grad, torch.tensor([[-0.25, 0.0, -0.25]]))
+
+
+def test_linear_weight_schedule_by_hand():
+    assert [round(linear_weight(s, 5, 0.9, 0.1), 6) for s in range(5)] == [0.9, 0.7, 0.5, 0.3, 0.1]
+    assert linear_weight(3, 5, 0.4) == 0.4  # fixed
+    assert linear_weight(99, 5, 0.9, 0.1) == pytest.approx(0.1)  # past the end it stays at the end
+
+
+def test_distill_kl_directions_by_hand():
+    student = torch.log(torch.tensor([[[0.5, 0.5]]]))
+    teacher = torch.log(torch.tensor([[[0.9, 0.1]]]))
+    mask = torch.tensor([[True]])
+    # reverse KL(S ‖ T) = 0.5·ln(0.5/0.9) + 0.5·ln(0.5/0.1) = 0.510826; forward KL(T ‖ S) = 0.9·ln 1.8 + 0.1·ln 0.2
+    assert distill_kl(student, teacher, mask, "reverse").item() == pytest.approx(0.510826, abs=1e-6)
+    assert distill_kl(student, teacher, mask, "forward").item() == pytest.approx(0.368064, abs=1e-6)
+
+
+@needs_trl
+@pytest.mark.parametrize("direction, alpha", [("forward", 0.0), ("reverse", 1.0)])
+def test_distill_kl_matches_trl_sdft_full_logit_divergence(direction, alpha):
+    """TRL's SDFT (trl.experimental.sdft) full-logit divergence: alpha 0 is KL(teacher ‖ student), alpha 1 is
+    KL(student ‖ teacher) — retain's distill_kl directions, value and student gradient."""
+    sdft = pytest.importorskip("trl.experimental.sdft.loss_utils")
+    g = torch.Generator().manual_seed(3)
+    student = (torch.randn(2, 5, 11, generator=g) * 3).requires_grad_(True)
+    teacher = torch.randn(2, 5, 11, generator=g) * 3
+    mask = torch.ones(2, 5, dtype=torch.bool)
+    theirs = sdft.compute_full_logit_self_distillation_loss(student, teacher, distillation_alpha=alpha)
+    (their_grad,) = torch.autograd.grad(theirs.sum(), student)
+    ours = distill_kl(student, teacher, mask, direction)
+    (our_grad,) = torch.autograd.grad(ours.sum(), student)
+    torch.testing.assert_close(ours, theirs, atol=ATOL, rtol=1e-5)
+    torch.testing.assert_close(our_grad, their_grad, atol=ATOL, rtol=1e-5)

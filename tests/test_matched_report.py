@@ -530,7 +530,8 @@ def test_build_report_leads_with_matched_verdicts(grpo_keeps_root: Path) -> None
     assert build_report(root) == root / "report.html"
     summary = json.loads((root / "report_files" / "summary.json").read_text())
     matched = summary["matched"]
-    assert [f["id"] for f in matched] == ["1", "2", "2n", "3", "4", "5", "5i", "6", "7", "8", "9"]
+    assert [f["id"] for f in matched] == ["1", "2", "2n", "3", "4", "5", "5i", "6", "7", "8", "9", "10", "11", "12",
+                                          "12m", "13", "13z", "14"]
     assert [f["id"] for f in matched if f["verdict"] != "not run"] == ["2", "2n", "3", "6"]  # one stage: no "1"
     assert {f["id"]: f["verdict"] for f in matched}["2"] == "reproduced"
 

@@ -28,6 +28,14 @@ EXPECTED_PARTS = {
     "multitask": ("multitask", "nll", [], False, False),
     "sft_likely": ("offline", "nll", [], False, False),
     "sft_unlikely": ("offline", "nll", [], False, False),
+    "dft": ("offline", "dft", [], False, False),
+    "sft_varied": ("offline", "nll", [], False, False),
+    "psft": ("offline", "psft", [], False, False),
+    "grpo_positive": ("on_policy", "grpo", [], False, False),
+    "chord": ("on_policy", "grpo", ["sft_mix"], False, False),
+    "opd": ("on_policy", "teacher_kl", [], False, False),
+    "sdft": ("on_policy", "teacher_kl", [], False, False),
+    "sdft_live": ("on_policy", "teacher_kl", [], False, False),
 }
 
 
@@ -120,6 +128,19 @@ def test_custom_and_passthrough():
         ({"name": "l2sp", "regularizers": [{"kind": "l2sp"}, {"kind": "l2sp"}]}, "method", ["regularizers", "l2sp"]),
         ({"name": "grpo", "replay": {}}, "method", ["replay", "on_policy"]),
         ({"name": "sft", "data": {"kind": "bogus"}}, "method.data", ["'bogus'", "offline"]),
+        ({"name": "sft", "loss": {"kind": "teacher_kl"}}, "method", ["'teacher_kl'", "on_policy"]),
+        ({"name": "opd", "loss": {"teacher": "live"}}, "method.loss", ["'live'", "KL is 0"]),
+        ({"name": "opd", "loss": {"teacher": "/no/such/dir"}}, "method.loss", ["'/no/such/dir'"]),
+        ({"name": "sdft", "loss": {"template": "{prompt} only"}}, "method.loss", ["{demonstration}"]),
+        ({"name": "sdft", "loss": {"direction": "sideways"}}, "method.loss.direction", ["reverse", "forward"]),
+        ({"name": "sft", "regularizers": [{"kind": "sft_mix"}]}, "method", ["sft_mix", "grpo"]),
+        ({"name": "opd", "regularizers": [{"kind": "sft_mix"}]}, "method", ["sft_mix", "grpo"]),
+        ({"name": "chord", "regularizers": [{"kind": "sft_mix", "weight": 1.5}]}, "method.regularizers.0.weight",
+         ["less than or equal to 1"]),
+        ({"name": "psft", "train": {"checkpoint_every": 3}}, "method", ["checkpoint_every", "updates_per_batch"]),
+        ({"name": "psft", "data": {"kind": "iterative"}}, "method", ["psft", "iterative"]),
+        ({"name": "sft", "data": {"prompts": "some"}}, "method.data.prompts", ["varied"]),
+        ({"name": "opd", "loss": {"teacher": "ema"}, "adapter": {}}, "method", ["ema", "adapter"]),
     ],
 )
 def test_invalid_configs_name_the_field(spec, prefix, words):
@@ -151,6 +172,18 @@ def test_error_path_is_the_users_path(spec, path):
     with pytest.raises(RetainError) as err:
         method_config(spec)
     assert str(err.value).startswith(path), str(err.value)
+
+
+def test_new_parts_compose_from_overrides():
+    cfg = method_config({"name": "opd", "loss": {"teacher": "ema", "ema_rate": 0.5, "refresh_every": 2}})
+    assert (cfg.loss.teacher, cfg.loss.ema_rate, cfg.loss.refresh_every, cfg.loss.direction) == ("ema", 0.5, 2, "reverse")
+    assert method_config("sdft").loss.direction == "forward"  # the authors' per-token forward KL
+    assert method_config("sdft").loss.teacher == "start" and method_config("sdft_live").loss.teacher == "live"
+    cfg = method_config({"name": "chord", "regularizers": [{"kind": "sft_mix", "weight": 0.2}]})
+    assert cfg.regularizers[0].weight == 0.2 and cfg.regularizers[0].weight_end is None  # a fixed weight
+    assert method_config("grpo_positive").loss.positive_only and not method_config("grpo").loss.positive_only
+    # a recover stage: distil back towards the embedded base, on any task
+    assert method_config({"name": "opd", "loss": {"teacher": "base"}}).loss.teacher == "base"
 
 
 def test_grpo_with_a_regularizer_is_refused_not_ignored():

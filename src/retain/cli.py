@@ -302,6 +302,27 @@ def _print_results(results: dict) -> None:
     )
 
 
+@app.command()
+def methods(as_json: bool = typer.Option(False, "--json", help="print the table as JSON")) -> None:
+    """List every method: its data source, token loss, regulariser, and the paper it comes from."""
+    from retain.methods.catalog import method_table
+
+    rows = method_table()
+    if as_json:
+        print(json.dumps(rows, indent=1, ensure_ascii=False))
+        return
+    from rich.console import Console
+    from rich.markup import escape
+    from rich.table import Table
+
+    table = Table(title="methods: data source × token loss × regulariser")
+    for col in ("name", "data", "loss", "regularizer", "source"):
+        table.add_column(col, overflow="fold")
+    for r in rows:
+        table.add_row(*(escape(r[c]) for c in ("name", "data", "loss", "regularizer", "source")))
+    Console(width=200).print(table)
+
+
 def _validated(model_cls, **values):
     from pydantic import ValidationError
 

@@ -37,9 +37,19 @@ from retain.sweep import SweepConfig, expand, run_sweep
 
 METHODS = ["sft", "grpo"]  # the default and quick presets: the core contrast (finding 2) at matched gain
 FULL_METHODS = ["sft", "grpo", "self_sft", "iterative_sft", "eaft", "conflict_sft", "replay", "multitask",
-                "sft_likely", "sft_unlikely"]
+                "sft_likely", "sft_unlikely",
+                # later methods (SPEC §1, second table): findings 10, 11, 14 and the methods beside them
+                "grpo_positive", "sdft_live", "sft_varied", "dft", "psft", "chord", "sdft"]
 SEQUENCE = ["gpoints"]  # default and quick: one stage, where the core contrast is decided (Retaining's design)
 FULL_SEQUENCE = ["gpoints", "countdown"]  # --full: a sequence, for Lai's first-task forgetting (finding 1)
+
+
+def on_policy(method: str) -> bool:
+    """Whether ``method`` samples its own rollouts (GRPO and the methods built on its rollouts): it gets GRPO's
+    prompts × group budget."""
+    from retain.methods.config import method_config
+
+    return method_config(method).data.kind == "on_policy"
 
 
 class DemoPreset(BaseModel):
@@ -80,14 +90,14 @@ class DemoPreset(BaseModel):
 
     def budget(self, method: str) -> dict[str, Any]:
         """What one stage gives ``method``: steps, and sequences per step (rollouts for GRPO)."""
-        per_step = self.grpo_prompts * self.grpo_group if method == "grpo" else self.sft_batch
+        per_step = self.grpo_prompts * self.grpo_group if on_policy(method) else self.sft_batch
         return {"steps": self.steps, "warmup_steps": self.warmup_steps, "sequences_per_step": per_step,
                 "sequences": per_step * self.steps}
 
     def method_dict(self, method: str, lr: float) -> dict[str, Any]:
         train = {"steps": self.steps, "lr": lr, "warmup_steps": self.warmup_steps, "log_every": 5}
-        if method == "grpo":
-            return {"name": "grpo", "data": {"prompts_per_step": self.grpo_prompts, "group_size": self.grpo_group,
+        if on_policy(method):
+            return {"name": method, "data": {"prompts_per_step": self.grpo_prompts, "group_size": self.grpo_group,
                                              "reward": self.reward}, "train": train}
         out: dict[str, Any] = {"name": method, "batch_size": self.sft_batch, "train": train}
         if method in ("self_sft", "iterative_sft"):

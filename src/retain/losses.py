@@ -32,7 +32,10 @@ import torch
 __all__ = [
     "aggregate",
     "confident_conflict_mask",
+    "dft_weights",
     "distill_kl",
+    "linear_weight",
+    "proximal_sft_loss",
     "eaft_weights",
     "grpo_token_loss",
     "group_advantages",
@@ -374,6 +377,45 @@ def sft_loss(
         nll = nll * _f32(weights).to(logp.device)
     n = m.sum() if num_items is None else torch.as_tensor(num_items, device=logp.device)
     return _masked_sum(nll, m) / n.to(logp.dtype).clamp(min=1)
+
+
+def dft_weights(logits: torch.Tensor, targets: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """DFT's token weights (arXiv 2508.05629): w_t = π(y_t), detached, ``[B, T, V]``, ``[B, T]`` → ``[B, T]``.
+
+    Use with :func:`sft_loss` (``weights=``): Σ_t p_t·(−log p_t) / N with N the **token count**, as TRL 1.16's
+    ``SFTConfig(loss_type="dft")`` (not the weight sum). Worked value: p = 0.5 → weight 0.5, token loss
+    0.5·ln 2 = 0.346574."""
+    with torch.no_grad():
+        return token_logprobs(logits.detach(), targets, temperature).exp()
+
+
+def proximal_sft_loss(
+    logp: torch.Tensor,
+    old_logp: torch.Tensor,
+    mask: torch.Tensor,
+    eps: float = 0.2,
+    num_items: int | float | torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Proximal SFT (arXiv 2508.17784): Σ_t −min(ρ_t, clip(ρ_t, 1 − eps, 1 + eps)) / N over target tokens,
+    ρ_t = π(y_t) / π_old(y_t) — PPO's clipped objective (:func:`grpo_token_loss`) with the constant advantage 1,
+    reduced like :func:`sft_loss` (N = the token count, default ``mask.sum()``).
+
+    With A = 1 only the upper clip binds: a token whose probability already rose by more than 1 + eps since π_old
+    gets no gradient. At ρ = 1 (π_old = π) the gradient is SFT's. Worked values (eps 0.2): (log π, log π_old) =
+    (−1.0, −1.3) → ρ = e^0.3 = 1.349859, clipped: −1.2 (no gradient); (−1.5, −1.3) → −e^−0.2 = −0.818731."""
+    per_token, _ = grpo_token_loss(logp, old_logp, torch.ones(logp.shape[:-1], device=logp.device),
+                                   eps_low=eps, eps_high=eps, mask=mask)
+    m = _as_mask(mask, per_token).expand_as(per_token)
+    n = m.sum() if num_items is None else torch.as_tensor(num_items, device=per_token.device)
+    return _masked_sum(per_token, m) / n.to(per_token.dtype).clamp(min=1)
+
+
+def linear_weight(step: int, steps: int, start: float, end: float | None = None) -> float:
+    """A weight going linearly from ``start`` at step 0 to ``end`` at step ``steps − 1`` (constant ``start`` when
+    ``end`` is None; CHORD's scheduled μ). Worked: start 0.9, end 0.1, 5 steps → 0.9, 0.7, 0.5, 0.3, 0.1."""
+    if end is None or steps <= 1:
+        return float(start)
+    return float(start + (end - start) * min(1.0, max(0, step) / (steps - 1)))
 
 
 # ---------------------------------------------------------------------------------------------------------------

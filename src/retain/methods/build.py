@@ -1,9 +1,9 @@
 """Training one stage with one method: the only place that turns a ``MethodConfig`` into running parts.
 
 ``train_stage`` freezes a copy of the model as the stage's reference, attaches an adapter if asked, builds the
-objective from the config's parts (on-policy → GRPO; otherwise the SFT family with its data source, token
-weighting and regularisers), runs the one training loop, then does the method's end-of-stage work: EWC's Fisher,
-the replay buffer, merging a per-stage adapter. The runner calls it without knowing which method it is.
+objective from the config's parts (on-policy → GRPO, GRPO + SFT on demonstrations, or distillation to a teacher;
+otherwise the SFT family with its data source, token weighting or proximal clip, and regularisers), runs the one
+training loop, then does the method's end-of-stage work: EWC's Fisher, the replay buffer, merging a per-stage adapter. The runner calls it without knowing which method it is.
 """
 
 from __future__ import annotations
@@ -18,15 +18,20 @@ from transformers import PreTrainedTokenizerBase
 from retain import tasks as task_registry
 from retain.data import encode_answer, encode_prompt
 from retain.distributed import make_accelerator, train_device
+from retain.losses import linear_weight
 from retain.models import adapters
 from retain.models.adapters import frozen_copy
 from retain.methods.config import (
-    ConflictMaskedLoss, DistillReg, EAFTLoss, EWCReg, KLRefReg, L2SPReg, MethodConfig, OnPolicyData, method_config,
+    ConflictMaskedLoss, DFTLoss, DistillReg, EAFTLoss, EWCReg, KLRefReg, L2SPReg, MethodConfig, OnPolicyData,
+    PSFTLoss, SFTMixReg, TeacherKLLoss, method_config,
 )
 from retain.methods.grpo import GRPOObjective
+from retain.methods.mix import WeightedSum
+from retain.methods.psft import ProximalSFTObjective
 from retain.methods.regularizers import EWC, L2SP, Distillation, KLToReference, update_fisher
-from retain.methods.sft import SFTObjective, conflict_masking, eaft_weighting, nll_weighting
-from retain.methods.sources import PairSource, build_source, reference_pairs
+from retain.methods.sft import SFTObjective, conflict_masking, dft_weighting, eaft_weighting, nll_weighting
+from retain.methods.sources import FixedPairs, PairSource, build_source, reference_pairs
+from retain.methods.teachers import TeacherKLObjective
 from retain.methods.stage import MethodState, StageContext
 from retain.train import Trainer
 
@@ -51,14 +56,32 @@ def _token_sampler(source: PairSource, tokenizer: PreTrainedTokenizerBase):
     return sample
 
 
+def on_policy_objective(cfg: MethodConfig, ctx: StageContext):
+    """GRPO, distillation to a teacher on the student's samples, or GRPO plus SFT on demonstrations (CHORD)."""
+    if isinstance(cfg.loss, TeacherKLLoss):
+        return TeacherKLObjective(cfg, ctx, _load_source_model)
+    grpo = GRPOObjective(cfg, ctx)
+    mix = next((r for r in cfg.regularizers if isinstance(r, SFTMixReg)), None)
+    if mix is None:
+        return grpo
+    demos = FixedPairs(reference_pairs(ctx, ctx.task_name, "canonical", ctx.seed), f"{cfg.name} on {ctx.task_name!r}")
+    sft = SFTObjective(_token_sampler(demos, ctx.tokenizer), ctx.tokenizer.pad_token_id, mix.batch_size,
+                       cfg.micro_batch_size, seed=ctx.seed)
+    steps = cfg.train.steps
+    mu = lambda step: linear_weight(step, steps, mix.weight, mix.weight_end)  # noqa: E731
+    return WeightedSum([("", grpo, lambda step: 1.0 - mu(step)), ("sft", sft, mu)])
+
+
 def build_objective(cfg: MethodConfig, ctx: StageContext):
     if isinstance(cfg.data, OnPolicyData):
-        return GRPOObjective(cfg, ctx)
+        return on_policy_objective(cfg, ctx)
     loss = cfg.loss
     if isinstance(loss, EAFTLoss):
         weighting = eaft_weighting(loss.k, loss.alpha)
     elif isinstance(loss, ConflictMaskedLoss):
         weighting = conflict_masking(loss.entropy_max, loss.prob_max)
+    elif isinstance(loss, DFTLoss):
+        weighting = dft_weighting
     else:
         weighting = nll_weighting
     regs = []
@@ -72,10 +95,13 @@ def build_objective(cfg: MethodConfig, ctx: StageContext):
         elif isinstance(reg, EWCReg):
             regs.append(EWC(ctx.state, reg.weight))
     source = build_source(cfg, ctx, _load_source_model)
-    return SFTObjective(
+    sft = SFTObjective(
         _token_sampler(source, ctx.tokenizer), ctx.tokenizer.pad_token_id, cfg.batch_size, cfg.micro_batch_size,
         seed=ctx.seed, weighting=weighting, regularizers=regs,
     )
+    if isinstance(loss, PSFTLoss):
+        return ProximalSFTObjective(sft, ctx.model, loss.eps, loss.updates_per_batch)
+    return sft
 
 
 def train_stage(

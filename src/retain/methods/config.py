@@ -9,6 +9,7 @@ a message naming it.
 from __future__ import annotations
 
 import copy
+import re
 from typing import Annotated, Any, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -32,10 +33,13 @@ MAX_TOKENS = 1 << 17  # sampling length
 # --- where the training tokens come from -------------------------------------------------------------------------
 class OfflineData(_Strict):
     """The task's reference targets. ``target`` picks among several correct answers (SPEC §2.4): the canonical one,
-    a seeded random one, or the most / least likely under the stage's initial model."""
+    a seeded random one, or the most / least likely under the stage's initial model. ``prompts: varied`` trains on
+    every prompt template the task offers (``Task.prompt_variants``; GeneralPoints has five) instead of its one
+    frozen template (Debunk, arXiv 2510.00237); evaluation keeps the task's own template."""
 
     kind: Literal["offline"] = "offline"
     target: Literal["canonical", "random", "likely", "unlikely"] = "canonical"
+    prompts: Literal["task", "varied"] = "task"
 
 
 class SampledData(_Strict):
@@ -107,7 +111,67 @@ class ConflictMaskedLoss(_Strict):
     prob_max: float = Field(CONFLICT_PROB_MAX, gt=0, le=1)
 
 
+class DFTLoss(_Strict):
+    """DFT (arXiv 2508.05629): w_t = p(y_t), detached; divided by the token count as TRL's ``loss_type="dft"``."""
+
+    kind: Literal["dft"] = "dft"
+
+
+class PSFTLoss(_Strict):
+    """Proximal SFT (arXiv 2508.17784): −min(ρ_t, clip(ρ_t, 1−ε, 1+ε)) per target token, ρ_t = π(y_t)/π_old(y_t),
+    π_old the policy before this batch's ``updates_per_batch`` optimizer steps (PPO's clip with advantage 1). With one
+    update per batch ρ = 1 and it is SFT; the clip only acts from the second update on the same batch."""
+
+    kind: Literal["psft"] = "psft"
+    eps: float = Field(0.2, gt=0, description="upper clip 1 + eps (with A = 1 the lower clip never binds)")
+    updates_per_batch: int = Field(4, ge=1, description="optimizer steps on one batch against one π_old")
+
+
+TEACHER_KINDS = ("start", "live", "ema")  # any other teacher names a model to load
+
+
+class TeacherKLLoss(_Strict):
+    """Distillation on the student's own samples (on_policy data): Σ_v KL per completion token between the student
+    and a teacher, exact over the vocabulary, token mean over the rollout batch.
+
+    ``teacher``: ``start`` (the stage's starting model, frozen; TRL SDFT's ``base``), ``live`` (the model being
+    trained, no gradient), ``ema`` (θ_T ← (1 − ema_rate)·θ_T + ema_rate·θ every ``refresh_every`` steps, from the
+    stage's start), or a model to load (``base`` = the embedded base model, or a model directory).
+    ``context``: ``none`` — the teacher reads the same prompt (on-policy distillation); ``demonstration`` — the
+    teacher reads ``template`` filled with the prompt and the task's reference answer, the student the bare prompt
+    (SDFT, arXiv 2601.19897). ``direction``: ``reverse`` KL(student ‖ teacher) (on-policy distillation; TRL's
+    ``distillation_alpha=1``) or ``forward`` KL(teacher ‖ student) (what the SDFT authors report using; alpha 0)."""
+
+    kind: Literal["teacher_kl"] = "teacher_kl"
+    teacher: str = "start"
+    context: Literal["none", "demonstration"] = "none"
+    template: str = "{prompt} e.g. {demonstration};"
+    direction: Literal["reverse", "forward"] = "reverse"
+    ema_rate: float = Field(0.05, gt=0, le=1)
+    refresh_every: int = Field(1, ge=1, description="optimizer steps between EMA teacher updates")
+
+    @model_validator(mode="after")
+    def _teacher_fits(self) -> "TeacherKLLoss":
+        if self.teacher == "live" and self.context == "none":
+            raise ValueError("teacher 'live' with context 'none' is the student itself: its KL is 0 (use context "
+                             "'demonstration', or teacher start / ema / a model)")
+        if self.context == "demonstration" and not {"{prompt}", "{demonstration}"} <= set(
+                re.findall(r"\{[a-z]+\}", self.template)):
+            raise ValueError(f"template {self.template!r} must hold both {{prompt}} and {{demonstration}}")
+        if self.teacher not in TEACHER_KINDS:
+            from retain.models.loading import resolve_model_path
+
+            try:
+                resolve_model_path(self.teacher)
+            except RetainError as err:
+                raise ValueError(f"teacher {self.teacher!r}: {err}") from None
+        return self
+
+
 class GRPOLoss(_Strict):
+    """``positive_only``: advantages clamped at ≥ 0 — only the better-than-average samples are pushed up, nothing is
+    pushed down (online rejection-sampling fine-tuning; Huan's "negative gradients matter")."""
+
     kind: Literal["grpo"] = "grpo"
     eps_low: float = Field(0.2, ge=0)
     eps_high: float = Field(0.2, ge=0)
@@ -116,9 +180,13 @@ class GRPOLoss(_Strict):
     aggregation: Literal["grpo", "bnpo", "dr_grpo", "dapo"] = "grpo"
     scale: Literal["group", "batch", "none"] = "group"
     adv_eps: float = Field(1e-4, gt=0)
+    positive_only: bool = False
 
 
-LossConfig = Annotated[Union[NLLLoss, EAFTLoss, ConflictMaskedLoss, GRPOLoss], Field(discriminator="kind")]
+LossConfig = Annotated[
+    Union[NLLLoss, EAFTLoss, ConflictMaskedLoss, DFTLoss, PSFTLoss, GRPOLoss, TeacherKLLoss], Field(discriminator="kind")
+]
+ON_POLICY_LOSSES = ("grpo", "teacher_kl")
 
 
 # --- what pulls the weights back ---------------------------------------------------------------------------------
@@ -152,7 +220,18 @@ class EWCReg(_Strict):
     fisher_samples: int = Field(128, ge=1, le=MAX_BATCH)
 
 
-RegularizerConfig = Annotated[Union[KLRefReg, DistillReg, L2SPReg, EWCReg], Field(discriminator="kind")]
+class SFTMixReg(_Strict):
+    """CHORD-style (arXiv 2508.11408): the step's loss is (1 − μ_t)·GRPO + μ_t·SFT on ``batch_size`` of the task's
+    reference answers; μ_t goes linearly from ``weight`` at the first step to ``weight_end`` at the last (fixed when
+    ``weight_end`` is unset). For on_policy data with the grpo loss only."""
+
+    kind: Literal["sft_mix"] = "sft_mix"
+    weight: float = Field(0.5, ge=0, le=1)
+    weight_end: float | None = Field(None, ge=0, le=1)
+    batch_size: int = Field(16, ge=1, le=MAX_BATCH)
+
+
+RegularizerConfig = Annotated[Union[KLRefReg, DistillReg, L2SPReg, EWCReg, SFTMixReg], Field(discriminator="kind")]
 
 
 class ReplayConfig(_Strict):
@@ -211,21 +290,30 @@ class MethodConfig(_Strict):
     @model_validator(mode="after")
     def _parts_fit(self) -> "MethodConfig":
         on_policy = isinstance(self.data, OnPolicyData)
-        if on_policy != isinstance(self.loss, GRPOLoss):
+        if on_policy != (self.loss.kind in ON_POLICY_LOSSES):
             raise ValueError(
-                f"loss.kind {self.loss.kind!r} does not fit data.kind {self.data.kind!r}: "
-                "the grpo loss needs on_policy data and on_policy data needs the grpo loss"
+                f"loss.kind {self.loss.kind!r} does not fit data.kind {self.data.kind!r}: the grpo and teacher_kl "
+                "losses need on_policy data and on_policy data needs one of them"
             )
         if on_policy and self.replay is not None:
             raise ValueError("replay is for the SFT family (offline/self/iterative data), not on_policy data")
-        if on_policy and self.regularizers:  # the GRPO objective has its own pull-back (loss.beta); never ignore one
+        mixes = [r.kind for r in self.regularizers if isinstance(r, SFTMixReg)]
+        if mixes and not isinstance(self.loss, GRPOLoss):
+            raise ValueError("regularizer sft_mix adds SFT to a GRPO step: it needs on_policy data and the grpo loss")
+        others = [r.kind for r in self.regularizers if not isinstance(r, SFTMixReg)]
+        if on_policy and others:  # the GRPO objective has its own pull-back (loss.beta); never ignore one
             raise ValueError(
-                f"regularizers {[r.kind for r in self.regularizers]} are for the SFT family; GRPO's KL to the stage's "
+                f"regularizers {others} are for the SFT family; GRPO's KL to the stage's "
                 "start is loss.beta (regularizers with on_policy data would be silently ignored)"
             )
+        if isinstance(self.loss, PSFTLoss) and self.data.kind == "iterative":
+            raise ValueError("the psft loss reuses a batch for loss.updates_per_batch steps; iterative data resamples "
+                             "under it (use offline or self data)")
         kinds = [r.kind for r in self.regularizers]
         if len(set(kinds)) != len(kinds):
             raise ValueError(f"regularizers repeat a kind: {kinds}")
+        if self.adapter is not None and isinstance(self.loss, TeacherKLLoss) and self.loss.teacher == "ema":
+            raise ValueError("an ema teacher follows the full weights, which an adapter keeps frozen")
         if self.adapter is not None and {"l2sp", "ewc"} & set(kinds):
             raise ValueError("regularizers l2sp/ewc anchor the full weights, which an adapter keeps frozen")
         every = self.train.checkpoint_every
@@ -233,6 +321,11 @@ class MethodConfig(_Strict):
             raise ValueError(
                 f"train.checkpoint_every ({every}) must be a multiple of data.updates_per_batch "
                 f"({self.data.updates_per_batch}): a checkpoint inside a rollout batch cannot resume exactly"
+            )
+        if isinstance(self.loss, PSFTLoss) and every and every % self.loss.updates_per_batch:
+            raise ValueError(
+                f"train.checkpoint_every ({every}) must be a multiple of loss.updates_per_batch "
+                f"({self.loss.updates_per_batch}): a checkpoint inside a PSFT batch cannot resume exactly"
             )
         return self
 
@@ -258,6 +351,21 @@ PRESETS: dict[str, dict[str, Any]] = {
     "ewc": {"data": {"kind": "offline"}, "loss": {"kind": "nll"}, "regularizers": [{"kind": "ewc"}], "train": _SFT_TRAIN},
     "lora": {"data": {"kind": "offline"}, "loss": {"kind": "nll"}, "adapter": {}, "train": {"steps": 150, "lr": 2e-3}},
     "multitask": {"data": {"kind": "multitask"}, "loss": {"kind": "nll"}, "train": _SFT_TRAIN},
+    # later work (SPEC §1, second table); retain.methods.catalog names each one's paper
+    "dft": {"data": {"kind": "offline"}, "loss": {"kind": "dft"}, "train": _SFT_TRAIN},
+    "sft_varied": {"data": {"kind": "offline", "prompts": "varied"}, "loss": {"kind": "nll"}, "train": _SFT_TRAIN},
+    "psft": {"data": {"kind": "offline"}, "loss": {"kind": "psft"}, "train": _SFT_TRAIN},
+    "grpo_positive": {"data": {"kind": "on_policy"}, "loss": {"kind": "grpo", "positive_only": True},
+                      "train": _GRPO_TRAIN},
+    "chord": {"data": {"kind": "on_policy"}, "loss": {"kind": "grpo"},
+              "regularizers": [{"kind": "sft_mix", "weight": 0.5, "weight_end": 0.1}], "train": _GRPO_TRAIN},
+    "opd": {"data": {"kind": "on_policy"}, "loss": {"kind": "teacher_kl", "teacher": "base"}, "train": _GRPO_TRAIN},
+    "sdft": {"data": {"kind": "on_policy"}, "loss": {"kind": "teacher_kl", "teacher": "start",
+                                                     "context": "demonstration", "direction": "forward"},
+             "train": _GRPO_TRAIN},
+    "sdft_live": {"data": {"kind": "on_policy"}, "loss": {"kind": "teacher_kl", "teacher": "live",
+                                                          "context": "demonstration", "direction": "forward"},
+                  "train": _GRPO_TRAIN},
 }
 
 
@@ -294,7 +402,7 @@ def method_config(spec: str | dict[str, Any] | MethodConfig, where: str = "metho
 
 
 _TAGS = {"offline", "self", "iterative", "on_policy", "multitask", "nll", "eaft", "conflict_masked", "grpo",
-         "kl_ref", "distill", "l2sp", "ewc"}
+         "kl_ref", "distill", "l2sp", "ewc", "dft", "psft", "teacher_kl", "sft_mix"}
 
 
 def user_path(loc: tuple) -> list[str]:

@@ -45,9 +45,13 @@ class RolloutBatch:
 
 
 class GRPOObjective:
-    def __init__(self, cfg: MethodConfig, ctx: StageContext) -> None:
-        assert isinstance(cfg.data, OnPolicyData) and isinstance(cfg.loss, GRPOLoss)
-        self.data, self.lossc, self.ctx = cfg.data, cfg.loss, ctx
+    """``grpo`` replaces the config's loss for objectives that reuse GRPO's rollouts with a loss of their own
+    (on-policy distillation: advantages are then only logged)."""
+
+    def __init__(self, cfg: MethodConfig, ctx: StageContext, grpo: GRPOLoss | None = None) -> None:
+        lossc = grpo if grpo is not None else cfg.loss
+        assert isinstance(cfg.data, OnPolicyData) and isinstance(lossc, GRPOLoss)
+        self.data, self.lossc, self.ctx = cfg.data, lossc, ctx
         rows = cfg.data.prompts_per_step * cfg.data.group_size
         self.micro = cfg.micro_batch_size or -(-rows // distributed.world_size())  # one share per process
         self.max_new = cfg.max_new_tokens or getattr(ctx.task, "max_new_tokens", DEFAULT_MAX_NEW_TOKENS)
@@ -69,6 +73,8 @@ class GRPOObjective:
         roll = self._generate(chosen, ctx.seed * 1_000_003 + step)
         rewards = [_scorable(self._reward(p, t)) for p, t in zip(roll.prompts, roll.texts)]
         advantages = group_advantages(rewards, d.group_size, self.lossc.scale, self.lossc.adv_eps)
+        if self.lossc.positive_only:  # no sample is pushed down; a clamped row (A = 0) is dropped from the forward
+            advantages = advantages.clamp(min=0.0)
         correct = [r >= 1.0 for r in rewards]
         groups = torch.tensor(rewards, dtype=torch.float32).view(-1, d.group_size)
         valid = ~torch.isnan(groups)

@@ -15,7 +15,7 @@ import torch
 
 from retain.data import IGNORE, TokenBatch, collate, model_inputs
 from retain.distributed import world_size
-from retain.losses import confident_conflict_mask, eaft_weights, sft_loss
+from retain.losses import confident_conflict_mask, dft_weights, eaft_weights, sft_loss
 
 Pair = tuple[list[int], list[int]]  # (prompt ids, answer ids ending with eos)
 Sampler = Callable[[random.Random, int, int], Sequence[Pair]]  # (rng, k, step) -> token pairs
@@ -38,6 +38,11 @@ def eaft_weighting(k: int, alpha: float) -> TokenWeighting:
         return eaft_weights(logits, k=k, alpha=alpha), mask
 
     return weigh
+
+
+def dft_weighting(logits, targets, mask):
+    """DFT: each target token weighted by its own detached probability (arXiv 2508.05629)."""
+    return dft_weights(logits, targets), mask
 
 
 def conflict_masking(entropy_max: float, prob_max: float) -> TokenWeighting:

@@ -62,6 +62,15 @@ def reference_pairs(ctx: StageContext, task_name: str, target: str, seed: int) -
     return chosen
 
 
+def varied_prompts(task, pairs: list[Pair], what: str) -> list[Pair]:
+    """Every pair once per prompt template of the task (``task.prompt_variants``), so each example keeps its weight
+    and each template is drawn equally often (Debunk, arXiv 2510.00237)."""
+    variants = getattr(task, "prompt_variants", None)
+    if variants is None:
+        raise RetainError(f"{what}: data.prompts 'varied' needs a task with prompt templates (gpoints has them)")
+    return [(v, a) for p, a in pairs for v in variants(p)]
+
+
 def sample_correct(
     model: torch.nn.Module, ctx: StageContext, samples_per_prompt: int, temperature: float, seed: int,
     max_new_tokens: int | None = None,
@@ -147,7 +156,10 @@ def build_source(cfg: MethodConfig, ctx: StageContext, load_model: Callable[[str
     data = cfg.data
     what = f"{cfg.name} on {ctx.task_name!r}"
     if isinstance(data, OfflineData):
-        source: PairSource = FixedPairs(reference_pairs(ctx, ctx.task_name, data.target, ctx.seed), what)
+        pairs = reference_pairs(ctx, ctx.task_name, data.target, ctx.seed)
+        if data.prompts == "varied":
+            pairs = varied_prompts(ctx.task, pairs, what)
+        source: PairSource = FixedPairs(pairs, what)
     elif isinstance(data, SampledData):
         model = ctx.reference if data.source_model is None else load_model(data.source_model)
         pairs = sample_correct(model, ctx, data.samples_per_prompt, data.temperature, ctx.seed, cfg.max_new_tokens)

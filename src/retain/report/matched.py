@@ -12,7 +12,11 @@ test half of the fixed split) and forgetting readouts, lower is better:
 - ``first_task_drop``: the first stage task's accuracy lost since the stage started (stage ≥ 2: Lai's forgetting
   of an earlier task while learning the next);
 - ``ood_drop``: the stage task's OOD split accuracy lost since the stage started (Chu's rule shift, read right
-  after the GeneralPoints stage, not after the whole sequence).
+  after the GeneralPoints stage, not after the whole sequence);
+- ``avg_acc_loss``: 1 − the mean accuracy over the stage tasks seen so far (stages 1..k, stage ≥ 2: one minus
+  Lai's average accuracy at that point of the sequence);
+- ``composition_drop`` / ``zeroshot_drop``: the stage task's ``ood_composition`` / ``ood_zeroshot`` split accuracy
+  lost since the stage started (the knowledge graph's unseen relation paths and held-out relation, Atomic).
 
 A finding compares two methods on one stage and one readout. Before it is compared at all, each method must have
 *learned* that stage's task: the mean over seeds of the test-half gain of its best (selection-half) checkpoint at
@@ -42,6 +46,9 @@ READOUTS = {
     "prior_nll": ("prior-skill answer NLL increase", 1000.0, "milli-nats"),
     "first_task_drop": ("first task's drop", 100.0, "pts"),
     "ood_drop": ("OOD-split drop", 100.0, "pts"),
+    "avg_acc_loss": ("1 − average accuracy over the stage tasks so far", 100.0, "pts"),
+    "composition_drop": ("unseen-composition split drop", 100.0, "pts"),
+    "zeroshot_drop": ("held-out-relation (zero-shot) split drop", 100.0, "pts"),
 }
 
 LEARNED_RULE = (
@@ -67,6 +74,7 @@ class MatchedFinding:
     readout: str
     expect: int
     beside: tuple[str, ...] = ()
+    task: str | None = None  # the task stage ``stage`` must be, where the claim is about one task
 
 
 FINDINGS: tuple[MatchedFinding, ...] = (
@@ -100,6 +108,34 @@ FINDINGS: tuple[MatchedFinding, ...] = (
     MatchedFinding("8", "Replaying the prior skills' data (ptx) forgets less than SFT",
                    "classic baseline (InstructGPT's ptx, LLaMA-Factory's data mix)", "replay", "sft", 1, "prior_nll",
                    -1, ("prior_drop",)),
+    MatchedFinding("10", "Negative gradients matter: GRPO forgets less than positive-only GRPO (advantages clamped "
+                         "at ≥ 0, online rejection-sampling fine-tuning) at the same gain",
+                   "Huan: on-policy RL keeps general skills (non-reasoning avg 45.7 → 53.2) where SFT loses them "
+                   "(→ 21.1); token KL from the base RL 0.019 vs SFT 0.236 (IFEval)", "grpo", "grpo_positive", 1,
+                   "prior_nll", -1, ("prior_drop",)),
+    MatchedFinding("11", "Self-distillation with a live teacher (SDFT) forgets the first task more than GRPO "
+                         "over a sequence",
+                   "Denser ≠ Better: on a 4-stage sequence (Qwen3-4B) on-policy self-distillation forgets more than "
+                   "GRPO; GRPO keeps its gains (retain's sdft_live: the model shown the reference answer teaches "
+                   "itself on the bare prompt, per-token forward KL(teacher ‖ student) over the vocabulary — the "
+                   "direction the SDFT authors report using, though the paper writes reverse)", "sdft_live", "grpo", 2, "first_task_drop", +1,
+                   ("prior_drop", "prior_nll")),
+    MatchedFinding("12", "Average accuracy over the sequence: GRPO above SFT",
+                   "Lai: average accuracy SFT 54.0, GRPO 60.0 (7 tasks, Qwen2.5-VL-7B)", "grpo", "sft", 2,
+                   "avg_acc_loss", -1),
+    MatchedFinding("12m", "Average accuracy over the sequence: joint multi-task training is the ceiling above GRPO",
+                   "Lai: multi-task 62.9 vs GRPO 60.0", "multitask", "grpo", 2, "avg_acc_loss", -1),
+    MatchedFinding("13", "On the knowledge graph, RL on two-hop questions (atomic facts learned in pretraining) "
+                         "generalises to unseen compositions better than SFT on them",
+                   "Atomic: SFT on the composite task ~90% in-distribution, ~18% zero-shot; atomic skills then RL "
+                   "generalises", "grpo", "sft", 2, "composition_drop", -1, ("zeroshot_drop",), task="kg"),
+    MatchedFinding("13z", "The same on the held-out relation (zero-shot), reported apart",
+                   "Atomic: ~18% zero-shot after SFT on the composite task", "grpo", "sft", 2, "zeroshot_drop", -1,
+                   ("composition_drop",), task="kg"),
+    MatchedFinding("14", "SFT with varied prompt templates loses less on GeneralPoints' rule-shift OOD split than SFT "
+                         "with one frozen template",
+                   "Debunk: SFT's GeneralPoints OOD failure comes largely from one frozen prompt template",
+                   "sft_varied", "sft", 1, "ood_drop", -1, task="gpoints"),
 )
 
 
@@ -149,6 +185,13 @@ def run_points(results: dict[str, Any]) -> list[dict[str, Any]]:
             ood = f"{task}@ood"
             if ood in row and ood in start:
                 readouts["ood_drop"] = _acc(start[ood]) - _acc(row[ood])
+            for name, split in (("composition_drop", "ood_composition"), ("zeroshot_drop", "ood_zeroshot")):
+                col = f"{task}@{split}"
+                if col in row and col in start:
+                    readouts[name] = _acc(start[col]) - _acc(row[col])
+            seen = [_acc(row.get(t)) for t in tasks[: k + 1]]
+            if k >= 1 and all(a is not None for a in seen):
+                readouts["avg_acc_loss"] = 1.0 - _mean(seen)
             out.append({"stage": k + 1, "task": task, "step": int(point["step"]), "gain": sel - sel0,
                         "gain_test": (test - test0) if test is not None and test0 is not None else sel - sel0,
                         "train_acc": _acc(row.get(f"{task}@train")), "readouts": readouts})
@@ -339,6 +382,8 @@ def matched_findings(agg: dict[str, Any]) -> list[dict[str, Any]]:
             out.append(not_run(f, f"{', '.join(absent)} not in this preset"))
         elif f.stage > len(agg["sequence"]):
             out.append(not_run(f, f"this preset's sequence has no stage {f.stage}"))
+        elif f.task is not None and agg["sequence"][f.stage - 1] != f.task:
+            out.append(not_run(f, f"this preset's stage {f.stage} is {agg['sequence'][f.stage - 1]}, not {f.task}"))
         else:
             out.append(decide(agg, f))
     out.append(predictor_finding(agg))

@@ -66,6 +66,27 @@ def prompt_for(ranks: tuple[int, ...], rule: str, target: int) -> str:
     return f"cards {cards}, {RULES[rule][0]}, make {target}"
 
 
+# Rewordings of one prompt for template-diversity training (Debunk, arXiv 2510.00237): the same cards, rule and
+# target in other words and orders. Only training data uses them (``OfflineData.prompts: varied``); every evaluation
+# split keeps the one template above, so a template-diverse run is scored on the prompts everyone is scored on.
+TEMPLATES = (
+    "cards {cards}, {rule}, make {target}",
+    "make {target} from {cards}, {rule}",
+    "hand {cards}; {rule}; target {target}",
+    "use {cards} to get {target} ({rule})",
+    "{rule}: {cards} -> {target}",
+)
+
+
+def prompt_variants(prompt: str) -> list[str]:
+    """``prompt`` in every template of ``TEMPLATES`` (the first is the task's own); a prompt this task did not
+    write is returned alone."""
+    match = _PROMPT.fullmatch(prompt)
+    if match is None:
+        return [prompt]
+    return [t.format(cards=match[1], rule=match[2], target=match[3]) for t in TEMPLATES]
+
+
 OOD_PRETRAIN_SHARE = 0.25  # of the OOD-rule prompts (by value multiset), seen in pretraining
 
 
@@ -98,6 +119,9 @@ class GeneralPointsTask(PuzzleTask):
         # a fixed order within each split (hands, then targets, in-distribution before OOD in pretrain)
         return {name: sorted(pool, key=lambda p: (p.meta["rule"] != "id", p.numbers, p.target, p.prompt))
                 for name, pool in pools.items()}
+
+    def prompt_variants(self, prompt: str) -> list[str]:
+        return prompt_variants(prompt)
 
     def read_prompt(self, prompt: str) -> tuple[tuple[int, ...], int] | None:
         match = _PROMPT.search(prompt)
