@@ -25,6 +25,7 @@ Every error is a ``RetainError`` naming the field path (``stages[1].task``), rai
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -42,6 +43,44 @@ MAX_SEED = 2**32 - 1  # seeds derived from it (seed·1000 + stage, then ·1_000_
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
+
+
+class DatasetSpec(_Strict):
+    """A task defined by a dataset (``datasets: {NAME: ...}``), named NAME in ``stages`` and ``eval.tasks``: the
+    file's prompts and answers, the verifier that scores accuracy, and optionally the reward GRPO trains on — a
+    function in TRL's signature (:mod:`retain.tasks.rewards`), imported because this field names it."""
+
+    path: str = Field(description=".jsonl, .parquet or a saved HF dataset directory")
+    reward: str | None = Field(None, description="package.module:function, called as TRL's GRPOTrainer calls it")
+    verifier: Literal["exact", "numeric", "regex"] = "exact"
+    pattern: str | None = None
+    prompt_column: str = "prompt"
+    answer_column: str = "answer"
+    split_column: str = "split"
+    conversational: bool = Field(False, description="hand the reward chat messages, as TRL does for a chat dataset")
+
+
+DATASET_NAME = re.compile(r"^[A-Za-z_][\w.-]{0,63}$")
+
+
+def define_dataset(name: str, spec: DatasetSpec) -> None:
+    """Register ``name`` as a task for this process, built (file read, reward imported) now so a bad dataset or
+    reward is an error of the config, naming ``datasets.NAME``."""
+    from retain.tasks.dataset import DatasetTask
+    from retain.tasks.rewards import import_reward, qualified_name
+
+    where = f"datasets.{name}"
+    if not DATASET_NAME.match(name):
+        raise RetainError(f"{where}: a task name is letters, digits, '_', '-' or '.' (at most 64), got {name!r}")
+    fn = import_reward(spec.reward, f"{where}.reward") if spec.reward is not None else None
+    try:
+        task = DatasetTask.from_path(
+            spec.path, spec.verifier, spec.prompt_column, spec.answer_column, spec.pattern, name, spec.split_column,
+            fn, qualified_name(fn, spec.reward) if fn else None, spec.conversational,
+        )
+    except RetainError as err:
+        raise RetainError(f"{where}: {err}") from None
+    task_registry.define(name, spec.model_dump(), lambda: task)
 
 
 class StageConfig(_Strict):
@@ -118,6 +157,8 @@ class ExperimentConfig(_Strict):
     seed: int = Field(0, ge=0, le=MAX_SEED)
     mode: Literal["batch", "streaming"] = "batch"
     method: dict[str, Any] | str = "sft"
+    # before stages: the names it defines are what stages and eval.tasks then validate against
+    datasets: dict[str, DatasetSpec] = Field(default_factory=dict, description="tasks defined by a dataset")
     stages: list[StageConfig] = Field(min_length=1)
     eval: EvalConfig = Field(default_factory=EvalConfig)
     shift: ShiftConfig = Field(default_factory=ShiftConfig)
@@ -132,6 +173,16 @@ class ExperimentConfig(_Strict):
     )
     gradient_checkpointing: bool = Field(False, description="recompute activations in the backward pass")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: this process's GPU if any, else CPU")
+    # where the run is watched, not what it is: left out of the resolved config, so a run resumes under other trackers
+    report_to: list[Literal["tensorboard", "mlflow"]] = Field(
+        default_factory=list, exclude=True, description="trackers (retain.tracking): tensorboard, mlflow")
+
+    @field_validator("datasets")
+    @classmethod
+    def _define_datasets(cls, v: dict[str, DatasetSpec]) -> dict[str, DatasetSpec]:
+        for name, spec in v.items():
+            define_dataset(name, spec)
+        return v
 
     @model_validator(mode="after")
     def _methods_and_eval_tasks_resolve(self) -> "ExperimentConfig":

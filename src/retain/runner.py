@@ -55,6 +55,9 @@ from retain.methods import adapters
 from retain.methods.build import frozen_copy, train_stage
 from retain.methods.stage import MethodState
 from retain.metrics.shift import kl_shift, weight_l2
+from retain.modelcard import model_card
+from retain.preflight import FlatGroupWatch, stage_signal
+from retain.tracking import Tracking
 from retain.rollout import make_engine
 from retain.train import rng_preserved, seed_everything
 
@@ -68,6 +71,12 @@ def warn(out: Path, say: Progress, message: str, **data: Any) -> None:
     logger.warning(message)
     append_jsonl(out / "events.jsonl", {"event": "warning", "message": message, "time": round(time.time(), 3), **data})
     say("warning", {"message": message, **data})
+
+
+def stage_warnings(out: Path, stage: int) -> list[dict[str, Any]]:
+    """The no-signal warnings ``events.jsonl`` holds for ``stage`` (once each), kept in its stage.json."""
+    found = [e for e in read_jsonl(out / "events.jsonl") if e.get("stage") == stage and e.get("kind") == "no_signal"]
+    return list({e["message"]: {k: v for k, v in e.items() if k not in ("event", "time")} for e in found}.values())
 
 
 @contextmanager
@@ -197,11 +206,13 @@ def measure_shift(base, previous, model, tokenizer, task_name: str, cfg: Experim
     return out
 
 
-def _save_model_dir(model, tokenizer, path: Path) -> None:
+def _save_model_dir(model, tokenizer, path: Path, card: str | None = None) -> None:
     tmp = path.with_name(path.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     adapters.merged_copy(model).save_pretrained(tmp, safe_serialization=True)
     tokenizer.save_pretrained(tmp)
+    if card is not None:  # the Hugging Face model card: the directory is ready for upload_folder
+        atomic_write_text(tmp / "README.md", card)
     write_manifest(tmp)
     fault_point("model_dir")
     publish_dir(tmp, path)
@@ -293,9 +304,13 @@ def prepare_run_dir(cfg: ExperimentConfig, out: Path) -> int:
 
 
 def run_experiment(
-    cfg: ExperimentConfig, out: str | Path, progress: Progress | None = None, eval_cache: str | Path | None = None
+    cfg: ExperimentConfig, out: str | Path, progress: Progress | None = None, eval_cache: str | Path | None = None,
+    tracking_store: str | Path | None = None,
 ) -> dict[str, Any]:
     """Run (or resume) ``cfg`` into ``out``; returns the results dict also written to ``out/results.json``.
+
+    ``tracking_store``: where file-based trackers (MLflow) keep their store when ``cfg.report_to`` names one
+    (default ``out``; a sweep passes its directory, so its runs are runs of one experiment).
 
     ``eval_cache``: a directory of evaluation rows shared with other runs (:mod:`retain.eval_cache`): the starting
     model's row is computed once for every run that starts from the same weights with the same evaluation."""
@@ -311,6 +326,9 @@ def run_experiment(
         distributed.init(cfg.device)
         if not distributed.is_main():
             return follow_experiment(cfg, out)
+    tracking = Tracking(cfg, out, tracking_store) if cfg.report_to else None  # a missing tracker fails here
+    if tracking is not None:
+        say = tracking.listen(say)
     model, tokenizer = load_configured(cfg, cfg.model)
     with run_lock(out):
         done = prepare_run_dir(cfg, out)  # refuses a directory holding another config, finished or not
@@ -355,9 +373,19 @@ def run_experiment(
             previous = frozen_copy(model)
             stage_dir = stages_dir / str(k + 1)
 
-            def log(record: dict[str, Any], k: int = k) -> None:
+            resumed = k == done and resume_step > 0
+            if not resumed:  # a GRPO stage its starting model cannot learn from is said, not run silently
+                with rng_preserved():
+                    for message, data in stage_signal(model, tokenizer, cfg, k):
+                        warn(out, say, message, **data)
+            watch = None if resumed else FlatGroupWatch(task_name, k + 1, lambda message, flat, k=k: warn(
+                out, say, message, kind="no_signal", stage=k + 1, task=cfg.stages[k].task, flat_groups=flat))
+
+            def log(record: dict[str, Any], k: int = k, watch: FlatGroupWatch | None = watch) -> None:
                 append_jsonl(out / "steps.jsonl", {"stage": k + 1, "task": cfg.stages[k].task, **record})
                 say("step", {"stage": k + 1, **record})
+                if watch is not None:
+                    watch(record)
 
             points = StagePoints(cfg, tokenizer, stage_dir, method.train.steps, say)
             points.keep_until(resume_step if k == done else 0)
@@ -375,13 +403,13 @@ def run_experiment(
             say("eval", {"stage": k + 1})
             row = evaluate_row(model, tokenizer, cfg)
             shift = measure_shift(base, previous, model, tokenizer, task_name, cfg, k + 1)
-            _save_model_dir(model, tokenizer, stage_dir / "model")
+            _save_model_dir(model, tokenizer, stage_dir / "model", model_card(cfg, k + 1, row, shift))
             _save_state(state, stage_dir / "state")
             fault_point("stage_done")
             atomic_write_json(stage_dir / "stage.json", {
                 "stage": k + 1, "task": task_name, "method": method.model_dump(mode="json"), "row": row,
                 "steps": method.train.steps, "trajectory": points.collected(),
-                "shift": shift, "train_seconds": round(train_seconds, 2),
+                "shift": shift, "train_seconds": round(train_seconds, 2), "warnings": stage_warnings(out, k + 1),
                 "total_seconds": round(time.perf_counter() - started, 2),
             })
             for leftover in (stage_dir / "checkpoint", stage_dir / "checkpoint.old", stage_dir / "points"):
@@ -390,6 +418,8 @@ def run_experiment(
         results = collect_results(cfg, out)
         fault_point("results")
         atomic_write_json(out / "results.json", results)
+        if tracking is not None:
+            tracking.finish(results)
         distributed.barrier()  # the other ranks read the finished stage files after this
         return results
 
@@ -470,6 +500,9 @@ def results_from_rows(
         "train_seconds": train_seconds,
         "flips": row_flips(rows[0], rows[-1]),
         "trajectories": trajectories,
+        "warnings": [w for s in stage_files for w in s.get("warnings", [])],
+        "rewards": {t: task_registry.get(t).reward_name for t in dict.fromkeys(cfg.stage_tasks())
+                    if task_registry.get(t).reward_name},
     }
 
 
