@@ -105,14 +105,14 @@ def run(config: Any, out: str | Path, progress=None, eval_cache: str | Path | No
 
 def load(run_dir: str | Path) -> Results:
     """A finished run directory (it holds ``results.json``)."""
-    from retain.compare import load_results
+    from retain.comparison import load_results
 
     return Results(Path(run_dir), load_results(run_dir))
 
 
 def compare(dirs: str | Path | Sequence[str | Path]):
     """One row per run (``retain compare``'s table); a directory that is not a run stands for every run below it."""
-    from retain.compare import compare_rows
+    from retain.comparison import compare_rows
 
     pd = require_pandas()
     given = [dirs] if isinstance(dirs, (str, Path)) else list(dirs)

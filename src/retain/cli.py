@@ -169,7 +169,7 @@ def compare(
     parquet: Optional[Path] = typer.Option(None, help="also write every row to this parquet file (DuckDB-queryable)"),
 ) -> None:
     """Compare finished runs: one row per run with its metrics and shift."""
-    from retain.compare import compare_rows, to_csv, to_markdown, to_parquet
+    from retain.comparison import compare_rows, to_csv, to_markdown, to_parquet
 
     rows = compare_rows(runs)
     print(to_csv(rows) if csv_out else to_markdown(rows))

@@ -80,7 +80,10 @@ def define_dataset(name: str, spec: DatasetSpec) -> None:
         )
     except RetainError as err:
         raise RetainError(f"{where}: {err}") from None
-    task_registry.define(name, spec.model_dump(), lambda: task)
+    try:
+        task_registry.define(name, spec.model_dump(), lambda: task)
+    except RetainError as err:
+        raise RetainError(f"{where}: {err}") from None
 
 
 class StageConfig(_Strict):
