@@ -249,3 +249,64 @@ def test_dataset_names_and_trackers_are_checked(tmp_path, monkeypatch):
     with pytest.raises(RetainError, match=r"mlflow needs the mlflow package: pip install 'retain\[tracking\]'"):
         Tracking(cfg, tmp_path / "run")
     assert "report_to" not in cfg.model_dump()  # trackers watch a run; they are not part of what it is
+
+
+# ---- lm-evaluation-harness tasks as columns of the accuracy matrix ----------------------------------------------
+
+
+def test_lm_eval_tasks_are_matrix_columns_after_every_stage(tmp_path, micro_dir, monkeypatch, one_thread):
+    """Against a stand-in lm_eval (its real run is the next test): called once per evaluation row with the model in
+    memory, and its metric lands in that row's column."""
+    import types
+
+    calls = []
+
+    class HFLM:
+        def __init__(self, pretrained, tokenizer, batch_size):
+            calls.append({"training": pretrained.training, "batch_size": batch_size})
+
+    def simple_evaluate(**kwargs):
+        calls[-1].update(tasks=kwargs["tasks"], limit=kwargs["limit"], num_fewshot=kwargs["num_fewshot"])
+        return {"results": {"general": {"alias": "general", "acc,none": len(calls) / 10, "acc_stderr,none": 0.1}},
+                "n-samples": {"general": {"original": 50, "effective": 5}}}
+
+    root, models, hf = (types.ModuleType(n) for n in ("lm_eval", "lm_eval.models", "lm_eval.models.huggingface"))
+    root.simple_evaluate, hf.HFLM, root.models, models.huggingface = simple_evaluate, HFLM, models, hf
+    for name, module in (("lm_eval", root), ("lm_eval.models", models), ("lm_eval.models.huggingface", hf)):
+        monkeypatch.setitem(sys.modules, name, module)
+    cfg = parse_experiment({
+        "model": str(micro_dir), "method": {"name": "sft", "batch_size": 4, "train": {"lr": 1e-2}},
+        "stages": [{"task": "arith", "steps": 1}, {"task": "reverse", "steps": 1}],
+        "eval": {"tasks": ["arith"], "n": 2, "lm_eval": {"tasks": ["general"], "limit": 5, "num_fewshot": 0}},
+        "shift": {"prompts": 0},
+    })
+    results = run_experiment(cfg, tmp_path / "run")
+    column = results["eval_tasks"].index("lm_eval:general")
+    assert [row[column] for row in results["matrix"]] == pytest.approx([0.1, 0.2, 0.3])
+    assert [n[column] for n in results["eval_n"]] == [5, 5, 5]
+    assert calls == [{"training": False, "batch_size": 8, "tasks": ["general"], "limit": 5, "num_fewshot": 0}] * 3
+    assert "lm_eval:general" in results["metrics"]["prior_columns"]  # forgetting of it counts as prior drop
+
+
+def test_real_lm_eval_task_as_a_column(tmp_path, one_thread):
+    """With lm-eval installed (skipped otherwise): a generation task from a local JSONL file, no hub."""
+    pytest.importorskip("lm_eval")
+    data = tmp_path / "reverse.jsonl"
+    data.write_text("".join(json.dumps({"prompt": f"reverse {w}", "answer": w[::-1]}) + "\n" for w in WORDS[:3]))
+    task = {"task": "retain_reverse_gen", "dataset_path": "json", "dataset_kwargs": {"data_files": {"test": str(data)}},
+            "test_split": "test", "doc_to_text": "{{prompt}}", "output_type": "generate_until",
+            "doc_to_target": "{{answer}}", "metric_list": [{"metric": "exact_match"}],
+            "generation_kwargs": {"until": ["\n"], "max_gen_toks": 8, "do_sample": False}}
+    cfg = parse_experiment({
+        "model": "base", "method": {"name": "sft", "batch_size": 4, "train": {"lr": 1e-4}},
+        "stages": [{"task": "arith", "steps": 1}],
+        "eval": {"tasks": [], "n": 2, "lm_eval": {"tasks": [task], "apply_chat_template": True, "batch_size": 3}},
+        "shift": {"prompts": 0},
+    })
+    results = run_experiment(cfg, tmp_path / "run")
+    column = results["eval_tasks"].index("lm_eval:retain_reverse_gen")
+    assert results["matrix"][0][column] == 1.0  # the embedded model reverses strings
+    assert 0.0 <= results["matrix"][1][column] <= 1.0 and results["eval_n"][1][column] == 3
+    cell = json.loads((tmp_path / "run" / "stages" / "1" / "stage.json").read_text())["row"][
+        "lm_eval:retain_reverse_gen"]
+    assert cell["metric"] == "exact_match" and cell["scores"]["exact_match"] == results["matrix"][1][column]

@@ -37,6 +37,7 @@ from retain.errors import RetainError
 from retain.methods.config import MethodConfig, method_config, user_path
 
 
+LM_EVAL_PREFIX = "lm_eval:"  # evaluation columns scored by lm-evaluation-harness (eval.lm_eval)
 MAX_SAMPLES = 4096  # samples per prompt: beyond this a typo, not an experiment (each one is generated and kept)
 MAX_SEED = 2**32 - 1  # seeds derived from it (seed·1000 + stage, then ·1_000_003 + step) stay within int64
 
@@ -101,6 +102,31 @@ class StageConfig(_Strict):
         return v
 
 
+class LMEvalConfig(_Strict):
+    """lm-evaluation-harness tasks as columns of the accuracy matrix (``eval.lm_eval``), scored on the in-memory
+    model before the first stage and after each (:mod:`retain.metrics.lmeval`). A column is ``lm_eval:<task>``; its
+    accuracy is ``metric`` of the task's scores (default: the first of ``acc``, ``exact_match``, ``acc_norm``)."""
+
+    tasks: list[str | dict[str, Any]] = Field(min_length=1, description="lm_eval task names or task configs")
+    limit: int | None = Field(None, ge=1, description="documents per task (null: all)")
+    num_fewshot: int | None = Field(None, ge=0)
+    batch_size: int = Field(8, ge=1)
+    apply_chat_template: bool = False
+    metric: str | None = None
+
+    @field_validator("tasks")
+    @classmethod
+    def _named(cls, v: list[str | dict[str, Any]]) -> list[str | dict[str, Any]]:
+        for i, task in enumerate(v):
+            name = task.get("task") if isinstance(task, dict) else task
+            if not isinstance(name, str) or not name:
+                raise ValueError(f"tasks[{i}]: a task config needs a 'task' name")
+        return v
+
+    def columns(self) -> list[str]:
+        return [f"{LM_EVAL_PREFIX}{t['task'] if isinstance(t, dict) else t}" for t in self.tasks]
+
+
 class EvalConfig(_Strict):
     """What is evaluated before the first stage, inside each stage and after it (SPEC §3.2)."""
 
@@ -122,6 +148,7 @@ class EvalConfig(_Strict):
         default_factory=list, description="tasks or groups ('prior') whose teacher-forced answer NLL is read with "
         "their accuracy",
     )
+    lm_eval: LMEvalConfig | None = Field(None, description="lm-evaluation-harness tasks as further columns")
 
     @field_validator("n_per_task")
     @classmethod
@@ -230,6 +257,8 @@ class ExperimentConfig(_Strict):
         for t in self.stage_tasks():  # the accuracy matrix needs every stage task on its test split
             if t not in out:
                 out.insert(0, t)
+        for column in self.eval.lm_eval.columns() if self.eval.lm_eval else []:
+            add(column)
         return out
 
     def checkpoint_columns(self) -> list[str]:
