@@ -221,6 +221,9 @@ class ExperimentConfig(_Strict):
         self.eval_tasks()
         self.checkpoint_columns()
         self.nll_columns()
+        if self.report_to and self.mode == "streaming":
+            raise RetainError("report_to: trackers follow batch runs (stage after stage); streaming mode logs to "
+                              "steps.jsonl only")
         return self
 
     def stage_method(self, i: int) -> MethodConfig:
