@@ -310,3 +310,22 @@ def test_real_lm_eval_task_as_a_column(tmp_path, one_thread):
     cell = json.loads((tmp_path / "run" / "stages" / "1" / "stage.json").read_text())["row"][
         "lm_eval:retain_reverse_gen"]
     assert cell["metric"] == "exact_match" and cell["scores"]["exact_match"] == results["matrix"][1][column]
+
+
+def test_a_sweeps_runs_are_runs_of_one_mlflow_experiment(tmp_path, micro_dir, one_thread):
+    pytest.importorskip("mlflow")
+    from mlflow.tracking import MlflowClient
+
+    from retain.sweep import parse_sweep, run_sweep
+
+    sweep = parse_sweep({
+        "name": "grid", "model": str(micro_dir), "method": {"name": "sft", "batch_size": 2, "train": {"lr": 1e-2}},
+        "stages": [{"task": "arith", "steps": 1}], "eval": {"tasks": [], "n": 2}, "shift": {"prompts": 0},
+        "grid": {"seed": [0, 1]},
+    })
+    summary = run_sweep(sweep, tmp_path / "sweep", workers=0, report_to=["mlflow"])
+    assert not summary["failed"]
+    client = MlflowClient(tracking_uri=(tmp_path / "sweep" / "mlruns").resolve().as_uri())
+    runs = client.search_runs([client.get_experiment_by_name("grid").experiment_id])
+    assert sorted(r.info.run_name for r in runs) == ["seed=0", "seed=1"]
+    assert all(r.info.status == "FINISHED" and "train/loss" in r.data.metrics for r in runs)

@@ -79,8 +79,8 @@ def signal_warning(task_name: str, stage: int, measured: dict[str, Any]) -> str 
     """The warning for a pre-stage measurement, or ``None`` when the stage has signal."""
     if measured["pass_at_k"] > 0 and measured["flat_groups"] <= FLAT_LIMIT:
         return None
-    return (f"GRPO stage {stage} on {task_name!r} may have no learning signal: the starting model's pass@{measured['k']} "
-            f"on {measured['prompts']} training prompts is {measured['pass_at_k']:.3f} and "
+    return (f"GRPO stage {stage} on {task_name!r} may have no learning signal: the starting model's "
+            f"pass@{measured['k']} on {measured['prompts']} training prompts is {measured['pass_at_k']:.3f} and "
             f"{measured['flat_groups']:.0%} of its groups have equal rewards (advantage 0); {FIX}")
 
 

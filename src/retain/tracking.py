@@ -26,6 +26,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
+from retain.config import ExperimentConfig
 from retain.errors import RetainError
 from retain.io import read_json
 
@@ -130,7 +131,7 @@ def check_installed(report_to: list[str]) -> None:
 class Tracking:
     """Turns the runner's progress events into tracker calls; ``listen`` wraps the runner's progress callback."""
 
-    def __init__(self, cfg, out: Path, store: Path | None = None) -> None:
+    def __init__(self, cfg: ExperimentConfig, out: Path, store: str | Path | None = None) -> None:
         check_installed(cfg.report_to)
         self.cfg, self.out, self.store = cfg, Path(out), Path(store) if store is not None else Path(out)
         steps = [cfg.stage_method(k).train.steps for k in range(len(cfg.stages))]
@@ -204,7 +205,7 @@ def row_scalars(row: dict[str, dict[str, Any]]) -> dict[str, float]:
 
 
 def leaves(node: dict[str, Any], prefix: str = "") -> dict[str, float]:
-    """The numeric leaves of a nested dict (a stage's shift), keyed by their path: ``from_base/forward/per_sequence``."""
+    """The numeric leaves of a nested dict (a stage's shift), keyed by path: ``from_base/forward/per_sequence``."""
     out: dict[str, float] = {}
     for key, value in node.items():
         if isinstance(value, dict):

@@ -13,12 +13,15 @@ main process only under a multi-process launch (lm_eval itself warns against acc
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 import torch
 from transformers import PreTrainedTokenizerBase
 
 from retain.errors import RetainError
+
+if TYPE_CHECKING:
+    from retain.config import LMEvalConfig
 
 INSTALL = "pip install 'retain[lmeval]'"
 
@@ -102,10 +105,10 @@ def summarize(out: dict[str, Any] | None) -> dict[str, dict[str, float]]:
 PREFERRED_METRICS = ("acc", "exact_match", "acc_norm")
 
 
-def lm_eval_cells(model, tokenizer, cfg, columns: Sequence[str], seed: int) -> dict[str, dict[str, Any]]:
+def lm_eval_cells(model, tokenizer, cfg: LMEvalConfig, columns: Sequence[str], seed: int) -> dict[str, dict[str, Any]]:
     """The ``eval.lm_eval`` columns among ``columns`` as cells of an evaluation row: ``accuracy`` (the configured
     metric, else the first of ``PREFERRED_METRICS`` the task reports), ``metric``, ``n`` (documents scored) and every
-    ``scores`` lm_eval reported. ``cfg`` is the experiment's ``LMEvalConfig``; one lm_eval call scores them all."""
+    ``scores`` lm_eval reported. One lm_eval call scores them all."""
     named = [(task, column) for task, column in zip(cfg.tasks, cfg.columns()) if column in columns]
     if not named:
         return {}
