@@ -143,7 +143,7 @@ def test_changed_config_on_existing_run_dir_is_refused(micro_dir, tmp_path):
 def test_compare_table_csv_and_parquet(micro_dir, tmp_path):
     import pyarrow.parquet as pq
 
-    from retain.compare import compare_rows, to_csv, to_markdown, to_parquet
+    from retain.comparison import compare_rows, to_csv, to_markdown, to_parquet
 
     out = tmp_path / "run"
     run_experiment(parse_experiment(experiment(micro_dir, steps=1)), out)

@@ -10,7 +10,7 @@ import pytest
 import yaml
 
 from retain.cli import main
-from retain.compare import compare_rows
+from retain.comparison import compare_rows
 from retain.errors import RetainError
 from retain.sweep import expand, load_sweep, parse_sweep, run_name, run_sweep
 

@@ -99,13 +99,18 @@ def run(
     config: Path = typer.Argument(..., help="experiment YAML"),
     out: Path = typer.Option(..., "--out", help="run directory (resumed if it holds an interrupted run)"),
     quiet: bool = typer.Option(False, help="no progress display"),
+    report_to: Optional[str] = typer.Option(None, "--report-to", help="trackers, comma-separated: tensorboard, "
+                                            "mlflow (or none); replaces the config's report_to"),
 ) -> None:
     """Run a continual experiment: stages, evaluation after each, metrics and shift in OUT/results.json."""
     from retain.config import load_experiment
     from retain.distributed import is_main
     from retain.runner import run_experiment
+    from retain.tracking import parse_report_to
 
     cfg = load_experiment(config)  # every config error surfaces here, before OUT exists
+    if report_to is not None:
+        cfg = cfg.model_copy(update={"report_to": parse_report_to(report_to)})
     main = is_main()  # under accelerate launch / torchrun only the main process shows progress and results
     with _stage_progress(quiet or not main) as progress:
         results = run_experiment(cfg, out, progress)
@@ -121,6 +126,8 @@ def sweep(
     address: Optional[str] = typer.Option(None, help="Ray cluster to connect to (default: start a local one)"),
     workers: Optional[int] = typer.Option(None, min=0, help="runs at once (local: default 1, 0 = in this process; "
                                           "ray: a local cluster of WORKERS × resources.cpus CPUs)"),
+    report_to: Optional[str] = typer.Option(None, "--report-to", help="trackers, comma-separated: tensorboard, "
+                                            "mlflow (or none); replaces the config's report_to"),
 ) -> None:
     """Run a grid of experiments (methods, seeds, any field) on Ray or locally; retry failures once; skip finished runs."""
     from rich.console import Console
@@ -142,7 +149,10 @@ def sweep(
             console.print(f"[red]failed[/red] {escape(data['name'])} (attempt {data['attempt']}, {then}): "
                           f"{escape(str(data['error']))}", highlight=False)
 
-    summary = run_sweep(config, out, backend=backend, address=address, workers=workers, progress=update)
+    from retain.tracking import parse_report_to
+
+    summary = run_sweep(config, out, backend=backend, address=address, workers=workers, progress=update,
+                        report_to=parse_report_to(report_to) if report_to is not None else None)
     runs = summary["runs"]
     counts = {s: sum(r["status"] == s for r in runs) for s in ("done", "skipped", "failed")}
     print(f"{counts['done']} done, {counts['skipped']} skipped (already finished), {counts['failed']} failed; "
@@ -159,7 +169,7 @@ def compare(
     parquet: Optional[Path] = typer.Option(None, help="also write every row to this parquet file (DuckDB-queryable)"),
 ) -> None:
     """Compare finished runs: one row per run with its metrics and shift."""
-    from retain.compare import compare_rows, to_csv, to_markdown, to_parquet
+    from retain.comparison import compare_rows, to_csv, to_markdown, to_parquet
 
     rows = compare_rows(runs)
     print(to_csv(rows) if csv_out else to_markdown(rows))
@@ -178,12 +188,15 @@ def demo(
     address: Optional[str] = typer.Option(None, help="a Ray cluster to connect to (HOST:PORT; backend ray)"),
     seeds: Optional[str] = typer.Option(None, help="comma-separated seeds replacing the preset's (e.g. 0,1)"),
     lrs: Optional[str] = typer.Option(None, help="comma-separated learning rates replacing the preset's grid"),
+    report_to: Optional[str] = typer.Option(None, "--report-to", help="trackers, comma-separated: tensorboard, "
+                                            "mlflow (or none); for every run"),
 ) -> None:
     """The main job: the preset's methods × an lr grid × seeds as a sweep, then the report with its verdicts."""
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
     from retain.demo import run_demo
+    from retain.tracking import parse_report_to
 
     if quick and full:
         raise RetainError("--quick and --full exclude each other")
@@ -211,7 +224,8 @@ def demo(
     with bar:
         summary = run_demo(out, preset, methods.split(",") if methods else None, workers, progress=update,
                            backend=backend, address=address, seeds=_numbers(seeds, int, "--seeds"),
-                           lrs=_numbers(lrs, float, "--lrs"))
+                           lrs=_numbers(lrs, float, "--lrs"),
+                           report_to=parse_report_to(report_to) if report_to is not None else None)
     print((out / "report.md").read_text(encoding="utf-8"))
     print(f"report: {out / 'report.html'}  ({summary['wall_seconds']:.0f} s, peak memory ~{summary['peak_rss_mb']:.0f} MB)")
 

@@ -25,6 +25,7 @@ Every error is a ``RetainError`` naming the field path (``stages[1].task``), rai
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -36,12 +37,54 @@ from retain.methods.config import MethodConfig, method_config, user_path
 from retain.yaml_input import field_error, read_yaml
 
 
+LM_EVAL_PREFIX = "lm_eval:"  # evaluation columns scored by lm-evaluation-harness (eval.lm_eval)
 MAX_SAMPLES = 4096  # samples per prompt: beyond this a typo, not an experiment (each one is generated and kept)
 MAX_SEED = 2**32 - 1  # seeds derived from it (seed·1000 + stage, then ·1_000_003 + step) stay within int64
 
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
+
+
+class DatasetSpec(_Strict):
+    """A task defined by a dataset (``datasets: {NAME: ...}``), named NAME in ``stages`` and ``eval.tasks``: the
+    file's prompts and answers, the verifier that scores accuracy, and optionally the reward GRPO trains on — a
+    function in TRL's signature (:mod:`retain.tasks.rewards`), imported because this field names it."""
+
+    path: str = Field(description=".jsonl, .parquet or a saved HF dataset directory")
+    reward: str | None = Field(None, description="package.module:function, called as TRL's GRPOTrainer calls it")
+    verifier: Literal["exact", "numeric", "regex"] = "exact"
+    pattern: str | None = None
+    prompt_column: str = "prompt"
+    answer_column: str = "answer"
+    split_column: str = "split"
+    conversational: bool = Field(False, description="hand the reward chat messages, as TRL does for a chat dataset")
+
+
+DATASET_NAME = re.compile(r"^[A-Za-z_][\w.-]{0,63}$")
+
+
+def define_dataset(name: str, spec: DatasetSpec) -> None:
+    """Register ``name`` as a task for this process, built (file read, reward imported) now so a bad dataset or
+    reward is an error of the config, naming ``datasets.NAME``."""
+    from retain.tasks.dataset import DatasetTask
+    from retain.tasks.rewards import import_reward, qualified_name
+
+    where = f"datasets.{name}"
+    if not DATASET_NAME.match(name):
+        raise RetainError(f"{where}: a task name is letters, digits, '_', '-' or '.' (at most 64), got {name!r}")
+    fn = import_reward(spec.reward, f"{where}.reward") if spec.reward is not None else None
+    try:
+        task = DatasetTask.from_path(
+            spec.path, spec.verifier, spec.prompt_column, spec.answer_column, spec.pattern, name, spec.split_column,
+            fn, qualified_name(fn, spec.reward) if fn else None, spec.conversational,
+        )
+    except RetainError as err:
+        raise RetainError(f"{where}: {err}") from None
+    try:
+        task_registry.define(name, spec.model_dump(), lambda: task)
+    except RetainError as err:
+        raise RetainError(f"{where}: {err}") from None
 
 
 class StageConfig(_Strict):
@@ -57,6 +100,31 @@ class StageConfig(_Strict):
         except RetainError as err:
             raise ValueError(str(err)) from None
         return v
+
+
+class LMEvalConfig(_Strict):
+    """lm-evaluation-harness tasks as columns of the accuracy matrix (``eval.lm_eval``), scored on the in-memory
+    model before the first stage and after each (:mod:`retain.metrics.lmeval`). A column is ``lm_eval:<task>``; its
+    accuracy is ``metric`` of the task's scores (default: the first of ``acc``, ``exact_match``, ``acc_norm``)."""
+
+    tasks: list[str | dict[str, Any]] = Field(min_length=1, description="lm_eval task names or task configs")
+    limit: int | None = Field(None, ge=1, description="documents per task (null: all)")
+    num_fewshot: int | None = Field(None, ge=0)
+    batch_size: int = Field(8, ge=1)
+    apply_chat_template: bool = False
+    metric: str | None = None
+
+    @field_validator("tasks")
+    @classmethod
+    def _named(cls, v: list[str | dict[str, Any]]) -> list[str | dict[str, Any]]:
+        for i, task in enumerate(v):
+            name = task.get("task") if isinstance(task, dict) else task
+            if not isinstance(name, str) or not name:
+                raise ValueError(f"tasks[{i}]: a task config needs a 'task' name")
+        return v
+
+    def columns(self) -> list[str]:
+        return [f"{LM_EVAL_PREFIX}{t['task'] if isinstance(t, dict) else t}" for t in self.tasks]
 
 
 class EvalConfig(_Strict):
@@ -80,6 +148,7 @@ class EvalConfig(_Strict):
         default_factory=list, description="tasks or groups ('prior') whose teacher-forced answer NLL is read with "
         "their accuracy",
     )
+    lm_eval: LMEvalConfig | None = Field(None, description="lm-evaluation-harness tasks as further columns")
 
     @field_validator("n_per_task")
     @classmethod
@@ -118,6 +187,8 @@ class ExperimentConfig(_Strict):
     seed: int = Field(0, ge=0, le=MAX_SEED)
     mode: Literal["batch", "streaming"] = "batch"
     method: dict[str, Any] | str = "sft"
+    # before stages: the names it defines are what stages and eval.tasks then validate against
+    datasets: dict[str, DatasetSpec] = Field(default_factory=dict, description="tasks defined by a dataset")
     stages: list[StageConfig] = Field(min_length=1)
     eval: EvalConfig = Field(default_factory=EvalConfig)
     shift: ShiftConfig = Field(default_factory=ShiftConfig)
@@ -132,7 +203,17 @@ class ExperimentConfig(_Strict):
     )
     gradient_checkpointing: bool = Field(False, description="recompute activations in the backward pass")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: this process's GPU if any, else CPU")
+    # where the run is watched, not what it is: left out of the resolved config, so a run resumes under other trackers
+    report_to: list[Literal["tensorboard", "mlflow"]] = Field(
+        default_factory=list, exclude=True, description="trackers (retain.tracking): tensorboard, mlflow")
     _methods: list[MethodConfig] = PrivateAttr(default_factory=list)  # each stage's, resolved once
+
+    @field_validator("datasets")
+    @classmethod
+    def _define_datasets(cls, v: dict[str, DatasetSpec]) -> dict[str, DatasetSpec]:
+        for name, spec in v.items():
+            define_dataset(name, spec)
+        return v
 
     @model_validator(mode="after")
     def _methods_and_eval_tasks_resolve(self) -> "ExperimentConfig":
@@ -140,6 +221,9 @@ class ExperimentConfig(_Strict):
         self.eval_tasks()
         self.checkpoint_columns()
         self.nll_columns()
+        if self.report_to and self.mode == "streaming":
+            raise RetainError("report_to: trackers follow batch runs (stage after stage); streaming mode logs to "
+                              "steps.jsonl only")
         return self
 
     def _resolve_method(self, i: int) -> MethodConfig:
@@ -203,6 +287,8 @@ class ExperimentConfig(_Strict):
         for t in self.stage_tasks():  # the accuracy matrix needs every stage task on its test split
             if t not in out:
                 out.insert(0, t)
+        for column in self.eval.lm_eval.columns() if self.eval.lm_eval else []:
+            add(column)
         return out
 
     def checkpoint_columns(self) -> list[str]:

@@ -178,8 +178,10 @@ def run_demo(
     address: str | None = None,
     seeds: list[int] | None = None,
     lrs: list[float] | None = None,
+    report_to: list[str] | None = None,
 ) -> dict[str, Any]:
     """Run the demo into ``out`` and write its report; returns the demo summary (also ``out/demo.json``).
+    ``report_to``: trackers every run logs to (``retain.tracking``).
     ``seeds`` / ``lrs`` replace the preset's grid (the same design on fewer or more runs).
 
     The runs go through :func:`retain.sweep.run_sweep`: ``backend="local"`` runs ``workers`` spawn processes
@@ -218,7 +220,7 @@ def run_demo(
             say("failed", {"name": data["name"], "error": data.get("error")})
 
     sweep = run_sweep(demo_sweep(settings, chosen, base), out / "runs", backend=backend, address=address,
-                      workers=workers, progress=relay)
+                      workers=workers, progress=relay, report_to=report_to)
     worker_peaks = [r.get("peak_rss_mb") or 0.0 for r in sweep["runs"] if r["status"] == "done"]
     say("tokens", {})
     tokens = token_analysis(base, settings.token_examples, settings.sequence)

@@ -38,13 +38,13 @@ def describe(model: torch.nn.Module, settings: dict[str, Any]) -> dict[str, Any]
     """What a row depends on: the weights' digest, the caller's evaluation settings, threads and versions."""
     import transformers
 
-    import retain
+    from retain.version import __version__
 
     return {
         "parameters": parameter_digest(model),
         **settings,
         "torch_threads": torch.get_num_threads(),
-        "versions": {"retain": retain.__version__, "torch": torch.__version__, "transformers": transformers.__version__},
+        "versions": {"retain": __version__, "torch": torch.__version__, "transformers": transformers.__version__},
     }
 
 

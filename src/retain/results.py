@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from retain import metrics as M
+from retain import tasks as task_registry
 from retain.config import ExperimentConfig
 from retain.evaluate import flips
 from retain.io import read_json
@@ -48,6 +49,9 @@ def results_from_rows(
         "train_seconds": train_seconds,
         "flips": row_flips(rows[0], rows[-1]),
         "trajectories": trajectories,
+        "warnings": [w for s in stage_files for w in s.get("warnings", [])],
+        "rewards": {t: task_registry.get(t).reward_name for t in dict.fromkeys(cfg.stage_tasks())
+                    if task_registry.get(t).reward_name},
     }
 
 

@@ -22,15 +22,22 @@ from typing import Any, Callable, Iterator
 import torch
 import yaml
 
-import retain
 from retain.config import ExperimentConfig
 from retain.errors import RetainError
 from retain.io import (
-    append_jsonl, atomic_write_json, atomic_write_text, fault_point, publish_dir, read_json, read_jsonl,
-    verify_manifest, write_manifest,
+    append_jsonl,
+    atomic_write_json,
+    atomic_write_text,
+    fault_point,
+    publish_dir,
+    read_json,
+    read_jsonl,
+    verify_manifest,
+    write_manifest,
 )
 from retain.methods.stage import MethodState
 from retain.models.adapters import merged_copy
+from retain.version import __version__
 
 Progress = Callable[[str, dict[str, Any]], None]  # (event, data): "stage_start", "step", "eval", "stage_done", "warning"
 
@@ -74,7 +81,7 @@ def versions() -> dict[str, str]:
     import transformers
 
     return {
-        "retain": retain.__version__,
+        "retain": __version__,
         "python": platform.python_version(),
         "torch": torch.__version__,
         "transformers": transformers.__version__,
@@ -139,6 +146,12 @@ def verified_stages(out: Path, done: int, say: Progress) -> int:
     return 0
 
 
+def stage_warnings(out: Path, stage: int) -> list[dict[str, Any]]:
+    """The no-signal warnings ``events.jsonl`` holds for ``stage`` (once each), kept in its stage.json."""
+    found = [e for e in read_jsonl(out / "events.jsonl") if e.get("stage") == stage and e.get("kind") == "no_signal"]
+    return list({e["message"]: {k: v for k, v in e.items() if k not in ("event", "time")} for e in found}.values())
+
+
 def keep_log(out: Path, keep: Callable[[dict[str, Any]], bool]) -> None:
     """Rewrite ``DIR/steps.jsonl`` with the records ``keep`` accepts (torn lines dropped): a resumed run redoes the
     rest, so the log holds each step once."""
@@ -147,9 +160,12 @@ def keep_log(out: Path, keep: Callable[[dict[str, Any]], bool]) -> None:
         atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in read_jsonl(path) if keep(r)))
 
 
-def save_model_dir(model, tokenizer, path: Path, extra: dict[str, Any] | None = None) -> None:
+def save_model_dir(
+    model, tokenizer, path: Path, extra: dict[str, Any] | None = None, card: str | None = None
+) -> None:
     """Publish ``model`` (plain weights: an adapter is merged into a copy) and its tokenizer as a Hugging Face
-    directory at ``path``, with ``extra`` JSON files beside them (name → content) and its manifest, atomically."""
+    directory at ``path``, with ``extra`` JSON files beside them (name → content), the model card ``card`` as its
+    README.md (the directory is then ready for ``huggingface_hub.upload_folder``) and its manifest, atomically."""
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -157,6 +173,8 @@ def save_model_dir(model, tokenizer, path: Path, extra: dict[str, Any] | None = 
     tokenizer.save_pretrained(tmp)
     for name, content in (extra or {}).items():
         atomic_write_json(tmp / name, content)
+    if card is not None:
+        atomic_write_text(tmp / "README.md", card)
     write_manifest(tmp)
     fault_point("model_dir")
     publish_dir(tmp, path)

@@ -40,20 +40,38 @@ from retain.eval_cache import cached_row, stored_row
 from retain.io import append_jsonl, atomic_write_json, fault_point, read_json, remove_dir
 from retain.methods.build import train_stage
 from retain.methods.stage import MethodState
+from retain.modelcard import model_card
 from retain.models.adapters import frozen_copy
+from retain.preflight import FlatGroupWatch, stage_signal
 from retain.results import collect_results
 from retain.rundir import (
-    Progress, json_or_none, keep_log, load_state, prepare_run_dir, quiet, remove_temp_leftovers, run_lock,
-    save_model_dir, save_state, verified_stages, warn,
+    Progress,
+    json_or_none,
+    keep_log,
+    load_state,
+    prepare_run_dir,
+    quiet,
+    remove_temp_leftovers,
+    run_lock,
+    save_model_dir,
+    save_state,
+    stage_warnings,
+    verified_stages,
+    warn,
 )
 from retain.stage_eval import StagePoints, eval_settings, evaluate_row, measure_shift
-from retain.train import seed_everything
+from retain.tracking import Tracking
+from retain.train import rng_preserved, seed_everything
 
 
 def run_experiment(
-    cfg: ExperimentConfig, out: str | Path, progress: Progress | None = None, eval_cache: str | Path | None = None
+    cfg: ExperimentConfig, out: str | Path, progress: Progress | None = None, eval_cache: str | Path | None = None,
+    tracking_store: str | Path | None = None,
 ) -> dict[str, Any]:
     """Run (or resume) ``cfg`` into ``out``; returns the results dict also written to ``out/results.json``.
+
+    ``tracking_store``: where file-based trackers (MLflow) keep their store when ``cfg.report_to`` names one
+    (default ``out``; a sweep passes its directory, so its runs are runs of one experiment).
 
     ``eval_cache``: a directory of evaluation rows shared with other runs (:mod:`retain.eval_cache`): the starting
     model's row is computed once for every run that starts from the same weights with the same evaluation."""
@@ -69,6 +87,9 @@ def run_experiment(
         distributed.init(cfg.device)
         if not distributed.is_main():
             return follow_experiment(cfg, out, eval_cache)
+    tracking = Tracking(cfg, out, tracking_store) if cfg.report_to else None  # a missing tracker fails here
+    if tracking is not None:
+        say = tracking.listen(say)
     model, tokenizer = cfg.load_model()
     with run_lock(out):
         done = prepare_run_dir(cfg, out)  # refuses a directory holding another config, finished or not
@@ -94,6 +115,8 @@ def run_experiment(
         results = collect_results(cfg, out)
         fault_point("results")
         atomic_write_json(out / "results.json", results)
+        if tracking is not None:
+            tracking.finish(results)
         distributed.barrier()  # the other ranks read the finished stage files after this
         return results
 
@@ -130,9 +153,19 @@ def run_stages(
         previous = frozen_copy(model)
         stage_dir = stages_dir / str(k + 1)
 
-        def log(record: dict[str, Any], k: int = k) -> None:
+        watch = None
+        if writes and not (k == done and resume_step):  # a GRPO stage its start cannot learn from is said, not run
+            with rng_preserved():
+                for message, data in stage_signal(model, tokenizer, cfg, k):
+                    warn(out, say, message, **data)
+            watch = FlatGroupWatch(task_name, k + 1, lambda message, flat, k=k: warn(
+                out, say, message, kind="no_signal", stage=k + 1, task=cfg.stages[k].task, flat_groups=flat))
+
+        def log(record: dict[str, Any], k: int = k, watch: FlatGroupWatch | None = watch) -> None:
             append_jsonl(out / "steps.jsonl", {"stage": k + 1, "task": cfg.stages[k].task, **record})
             say("step", {"stage": k + 1, **record})
+            if watch is not None:
+                watch(record)
 
         points = StagePoints(cfg, tokenizer, stage_dir if writes else None, method.train.steps, say)
         points.keep_until(resume_step if k == done else 0)
@@ -152,13 +185,13 @@ def run_stages(
         shift = measure_shift(base, previous, model, tokenizer, task_name, cfg, k + 1)
         if not writes:
             continue
-        save_model_dir(model, tokenizer, stage_dir / "model")
+        save_model_dir(model, tokenizer, stage_dir / "model", card=model_card(cfg, k + 1, row, shift))
         save_state(state, stage_dir / "state")
         fault_point("stage_done")
         atomic_write_json(stage_dir / "stage.json", {
             "stage": k + 1, "task": task_name, "method": method.model_dump(mode="json"), "row": row,
             "steps": method.train.steps, "trajectory": points.collected(),
-            "shift": shift, "train_seconds": round(train_seconds, 2),
+            "shift": shift, "train_seconds": round(train_seconds, 2), "warnings": stage_warnings(out, k + 1),
             "total_seconds": round(time.perf_counter() - started, 2),
         })
         for leftover in (stage_dir / "checkpoint", stage_dir / "checkpoint.old", stage_dir / "points"):

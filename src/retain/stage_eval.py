@@ -11,9 +11,10 @@ import torch
 
 from retain import distributed
 from retain import tasks as task_registry
-from retain.config import ExperimentConfig
+from retain.config import LM_EVAL_PREFIX, ExperimentConfig
 from retain.evaluate import DEFAULT_MAX_NEW_TOKENS, answer_nll, evaluate_task
 from retain.io import atomic_write_json, fault_point, read_json
+from retain.metrics.lmeval import lm_eval_cells
 from retain.metrics.shift import kl_shift, weight_l2
 from retain.models.adapters import frozen_copy
 from retain.rollout import make_engine
@@ -32,13 +33,19 @@ def evaluate_row(model, tokenizer, cfg: ExperimentConfig, columns: list[str] | N
     engine = make_engine(cfg.engine, model, tokenizer)
     seed, nll = eval_seed(cfg), set(cfg.nll_columns())
     row = {}
-    for column in columns or cfg.eval_tasks():
+    wanted = columns or cfg.eval_tasks()
+    general = [c for c in wanted if c.startswith(LM_EVAL_PREFIX)]  # one lm-evaluation-harness call scores these
+    for column in wanted:
+        if column in general:
+            continue
         fault_point("eval")
         name, _, split = column.partition("@")
         n = cfg.eval.count(column)
         row[column] = evaluate_task(engine, name, n=n, samples=cfg.eval.samples, split=split or "test", seed=seed)
         if column in nll:
             row[column].update(answer_nll(model, tokenizer, name, n=n, split=split or "test", seed=seed))
+    if general:
+        row.update(lm_eval_cells(model, tokenizer, cfg.eval.lm_eval, general, seed))
     return row
 
 
@@ -47,7 +54,8 @@ def eval_settings(cfg: ExperimentConfig) -> dict[str, Any]:
     return {"columns": cfg.eval_tasks(), "n": {c: cfg.eval.count(c) for c in cfg.eval_tasks()},
             "samples": cfg.eval.samples, "seed": eval_seed(cfg), "nll": cfg.nll_columns(),
             "engine": cfg.engine, "device": str(distributed.train_device(cfg.device)), "dtype": cfg.dtype,
-            "mixed_precision": cfg.mixed_precision}
+            "mixed_precision": cfg.mixed_precision,
+            **({"lm_eval": cfg.eval.lm_eval.model_dump(mode="json")} if cfg.eval.lm_eval else {})}
 
 
 class StagePoints:

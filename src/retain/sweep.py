@@ -274,7 +274,9 @@ def execute_run(name: str, config: dict[str, Any], out: str, threads: int | None
         from retain.runner import run_experiment
 
         # the runs of a sweep share their starting rows (retain.eval_cache): a base evaluated once per seed
-        run_experiment(parse_experiment(config, name), out, eval_cache=Path(out).parent / "eval_cache")
+        # and their tracking store (MLflow): the runs of one experiment
+        run_experiment(parse_experiment(config, name), out, eval_cache=Path(out).parent / "eval_cache",
+                       tracking_store=Path(out).parent)
         report["ok"] = True
     except BaseException as err:  # noqa: BLE001 — a worker reports every failure instead of dying with it
         if isinstance(err, KeyboardInterrupt):
@@ -438,8 +440,10 @@ def run_sweep(
     address: str | None = None,
     workers: int | None = None,
     progress: Progress | None = None,
+    report_to: list[str] | None = None,
 ) -> dict[str, Any]:
     """Run every grid combination of ``config`` (a ``SweepConfig`` or a sweep file) into ``out/<run-name>/``.
+    ``report_to``: trackers for every run, replacing the file's (``retain.tracking``).
 
     backend ``local``: a spawn process pool of ``workers`` (default 1; 0 = one after another in this process).
     backend ``ray``: one Ray task per run with the sweep's ``resources``; ``address`` connects to a cluster, else a
@@ -449,6 +453,8 @@ def run_sweep(
     """
     source = str(config) if isinstance(config, (str, Path)) else "sweep"
     sweep = load_sweep(config) if isinstance(config, (str, Path)) else config
+    if report_to is not None:
+        sweep = sweep.model_copy(update={"base": {**sweep.base, "report_to": list(report_to)}})
     if backend not in ("ray", "local"):
         raise RetainError(f"unknown backend {backend!r} (backends: ray, local)")
     if workers is not None and workers < 0:

@@ -36,7 +36,7 @@ from typing import Any
 
 import numpy as np
 
-from retain.compare import method_lr, method_names
+from retain.comparison import method_lr, method_names
 from retain.errors import RetainError
 from retain.io import read_json
 from retain.losses import CONFLICT_ENTROPY_MAX, CONFLICT_PROB_MAX
@@ -225,7 +225,8 @@ def aggregate(root: str | Path) -> dict[str, Any]:
     ``thresholds``, ``scale`` (100: accuracies are shown in points), ``sequence``, ``eval_tasks``,
     ``prior_columns``, ``ood_columns``, ``runs`` (per run: method, lr, seed, dir, values), ``missing``,
     ``methods``, ``groups`` (per (method, lr): stats, matrix, seeds), ``operating_points`` ({method: lr}),
-    ``pareto`` ({method: [lr, ...]}), ``eval_n`` ({column: [min, max]}), ``shift_config``, ``rules``.
+    ``pareto`` ({method: [lr, ...]}), ``eval_n`` ({column: [min, max]}), ``shift_config``, ``rules``,
+    ``warnings`` (per run: the no-signal warnings its stages raised), ``rewards`` ({task: reward function}).
     """
     root = Path(root)
     meta, runs, missing = discover_runs(root)
@@ -315,6 +316,10 @@ def aggregate(root: str | Path) -> dict[str, Any]:
         "eval_n": eval_n,
         "shift_config": {"prompts": shift_cfg.get("prompts"), "samples": shift_cfg.get("samples")},
         "rules": {"operating_point": OPERATING_POINT_RULE, "pareto": PARETO_RULE},
+        # what the runs warned about (a GRPO stage without signal) and the user reward functions they trained on
+        "warnings": [{"run": row["dir"], "message": w["message"]} for r, row in zip(runs, run_rows)
+                     for w in r["results"].get("warnings", [])],
+        "rewards": {t: name for r in runs for t, name in (r["results"].get("rewards") or {}).items()},
     }
 
 

@@ -124,6 +124,7 @@ def facts(agg: dict[str, Any]) -> list[tuple[str, str]]:
                            "the last stage's task, seed = run seed × 1000 + stage"),
         ("confident-conflict thresholds", f"entropy < {th['entropy_max']:g} nats and p(target) < {th['prob_max']:g}"),
         ("base model", str(meta.get("base_model", "–"))),
+        ("reward functions", "; ".join(f"{t}: {f}" for t, f in agg.get("rewards", {}).items()) or "the tasks' own"),
         ("machine", str(meta.get("machine", "–"))),
         ("wall time", _fmt_seconds(meta.get("wall_seconds"))),
         ("peak memory", f"{meta['peak_rss_mb']:.0f} MB (peak RSS)" if isinstance(meta.get("peak_rss_mb"), (int, float))
@@ -294,6 +295,8 @@ def caveats(agg: dict[str, Any], fs: list[dict[str, Any]]) -> list[str]:
                f"{', '.join(unsure) or 'none'} (see each row's measured values and rule).")
     if agg["missing"]:
         out.append(f"Runs listed in demo.json without results.json were left out: {esc(', '.join(agg['missing']))}.")
+    for w in agg.get("warnings", []):
+        out.append(f"Run {esc(w['run'])}: {esc(w['message'])}.")
     return out
 
 
@@ -403,6 +406,10 @@ def render_markdown(agg: dict[str, Any], fs: list[dict[str, Any]]) -> str:
                      f"**{cell(f['verdict'])}** |")
     lines += ["", "Rules:", ""] + [f"- {cell(f['id'])}: {cell(f['rule'])}" for f in (agg.get("matched") or [])]
     lines += ["- operating-point rows: the rules are printed under each claim in report.html"]
+    if agg.get("rewards"):
+        lines += ["", "Reward functions: " + "; ".join(f"{t}: `{f}`" for t, f in agg["rewards"].items())]
+    if agg.get("warnings"):
+        lines += ["", "## Run warnings", ""] + [f"- {cell(w['run'])}: {cell(w['message'])}" for w in agg["warnings"]]
     lines += ["", "Full report with figures: report.html", ""]
     return "\n".join(lines)
 

@@ -2,7 +2,8 @@
 
 Built-in tasks are registered by name with a factory (imported lazily, so importing retain stays cheap). A name
 that is a path to a ``.jsonl`` / ``.parquet`` file or a saved HF dataset directory, optionally followed by
-``:VERIFIER`` (exact, numeric, regex), makes a dataset-backed task.
+``:VERIFIER`` (exact, numeric, regex), makes a dataset-backed task. ``define(name, spec, factory)`` adds a named
+task for this process (an experiment config's ``datasets:`` section: a dataset with a reward function).
 """
 
 from __future__ import annotations
@@ -10,11 +11,12 @@ from __future__ import annotations
 import importlib
 from functools import lru_cache
 from pathlib import Path
+from typing import Any, Callable
 
 from retain.errors import RetainError
 from retain.tasks.base import CORRECT, Example, Task
 
-__all__ = ["CORRECT", "Example", "Task", "get", "names", "resolve", "GROUPS"]
+__all__ = ["CORRECT", "Example", "Task", "define", "get", "names", "resolve", "GROUPS"]
 
 # name -> "module:attribute" of a zero-argument factory
 _BUILTIN: dict[str, str] = {
@@ -34,6 +36,21 @@ GROUPS: dict[str, tuple[str, ...]] = {
 }
 
 
+# name -> (the spec it was defined from, its factory): tasks an experiment config defines
+_DEFINED: dict[str, tuple[Any, Callable[[], Task]]] = {}
+
+
+def define(name: str, spec: Any, factory: Callable[[], Task]) -> None:
+    """Make ``get(name)`` return ``factory()``. Defining a name again with another spec replaces it (a notebook
+    re-running a cell with a changed config); a built-in task or group name is refused."""
+    if name in _BUILTIN or name in GROUPS:
+        raise RetainError(f"task name {name!r} is built in (choose another name)")
+    if name in _DEFINED and _DEFINED[name][0] == spec:
+        return
+    _DEFINED[name] = (spec, factory)
+    get.cache_clear()
+
+
 def names() -> list[str]:
     """Every registered task name (dataset-backed tasks are made from paths and are not listed)."""
     return list(_BUILTIN)
@@ -45,6 +62,8 @@ def get(name: str) -> Task:
     if name in _BUILTIN:
         module, attr = _BUILTIN[name].split(":")
         return getattr(importlib.import_module(module), attr)()
+    if name in _DEFINED:
+        return _DEFINED[name][1]()
     if not isinstance(name, str):
         raise RetainError(f"a task name must be a string, got {type(name).__name__}")
     path, _, verifier = name.partition(":") if not _exists(name) else (name, "", "")

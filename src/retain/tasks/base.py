@@ -52,6 +52,7 @@ class Task(ABC):
     name: str = ""
     splits: tuple[str, ...] = ("train", "test", "ood")
     description: str = ""
+    reward_name: str | None = None  # the qualified name of a user's reward function, when GRPO trains on one
 
     @abstractmethod
     def examples(self, split: str, n: int | None = None, seed: int = 0) -> list[Example]:

@@ -24,6 +24,10 @@ Verifiers look only at ``clip_completion(completion)`` (the completion's first l
   completion): a pattern that backtracks catastrophically on some output (``(a|aa)+$``) scores that output 0
   instead of hanging the run.
 
+With ``reward_fn`` (a TRL-signature function, :mod:`retain.tasks.rewards`), GRPO's reward is that function, called
+with the prompt's row (its first row, the prompt column left out) as TRL passes dataset columns; the accuracy the
+matrix reports stays the verifier's, so the task's metric does not depend on the reward being trained.
+
 A prompt that appears in several rows accepts any of their answers. ``reward(prompt, completion)`` without an
 answer looks the prompt up; a prompt the file does not hold scores 0.0. Bad input raises one RetainError that names
 the file and the field or value at fault.
@@ -36,12 +40,13 @@ import math
 import random
 import re
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import regex
 
 from retain.errors import RetainError
 from retain.tasks.base import CORRECT, Example, Task, clip_completion
+from retain.tasks.rewards import one_reward, qualified_name
 
 VERIFIERS = ("exact", "numeric", "regex")
 NUMERIC_TOLERANCE = 1e-6
@@ -71,12 +76,21 @@ class DatasetTask(Task):
         pattern: str | None = None,
         name: str = "dataset",
         source: str = "<memory>",
+        columns: dict[str, dict[str, Any]] | None = None,
+        reward_fn: Callable[..., list[Any]] | None = None,
+        reward_name: str | None = None,
+        conversational: bool = False,
     ):
-        """``rows`` are ``(split, prompt, answer)``; a row with split ``"*"`` belongs to every split."""
+        """``rows`` are ``(split, prompt, answer)``; a row with split ``"*"`` belongs to every split. ``columns``:
+        per prompt, the row a reward function sees; ``reward_name``: the function's qualified name."""
         self.name = name
         self.source = source
         self.splits = splits
-        self.description = f"{verifier}-verified dataset from {source}"
+        self.reward_fn, self.conversational = reward_fn, conversational
+        self.reward_name = reward_name or (qualified_name(reward_fn, "reward") if reward_fn else None)
+        self._columns = columns or {}
+        self.description = f"{verifier}-verified dataset from {source}" + (
+            f"; GRPO reward {self.reward_name}" if reward_fn else "")
         self.verifier = _check_verifier(verifier, source)
         self._pattern = _compile_pattern(verifier, pattern, source)
         self._answers: dict[str, list[str]] = {}
@@ -100,6 +114,9 @@ class DatasetTask(Task):
         pattern: str | None = None,
         name: str | None = None,
         split_column: str = "split",
+        reward_fn: Callable[..., list[Any]] | None = None,
+        reward_name: str | None = None,
+        conversational: bool = False,
     ) -> DatasetTask:
         """Load ``path`` (jsonl, parquet or a saved HF dataset directory); raises RetainError on any bad input."""
         path = Path(path)
@@ -119,6 +136,7 @@ class DatasetTask(Task):
                 )
         has_split = split_column in columns
         triples: list[tuple[str, str, str]] = []
+        row_columns: dict[str, dict[str, Any]] = {}
         for table_split, _, rows in tables:
             for where, row in rows:
                 prompt = _cell(row, prompt_column, where, source)
@@ -127,11 +145,13 @@ class DatasetTask(Task):
                     raise RetainError(f"{source} {where}: column {answer_column!r} holds no number: {answer[:40]!r}")
                 split = _cell(row, split_column, where, source) if has_split else table_split or "*"
                 triples.append((split, prompt, answer))
+                row_columns.setdefault(prompt, {k: v for k, v in row.items() if k not in (prompt_column, split_column)})
         if has_split or tables[0][0] is not None:
             splits = tuple(dict.fromkeys(s for s, _, _ in triples))
         else:
             splits = ("train", "test")
-        return cls(triples, splits, verifier, pattern, name or path.stem, source)
+        return cls(triples, splits, verifier, pattern, name or path.stem, source, row_columns if reward_fn else None,
+                   reward_fn, reward_name, conversational)
 
     def examples(self, split: str, n: int | None = None, seed: int = 0) -> list[Example]:
         """The split's rows shuffled by ``seed`` (file order before the shuffle); the first ``n`` when given."""
@@ -142,7 +162,21 @@ class DatasetTask(Task):
         random.Random(seed).shuffle(rows)
         return rows if n is None else rows[:n]
 
-    def reward(self, prompt: str, completion: str, answer: str | None = None) -> float:
+    def reward(self, prompt: str, completion: str, answer: str | None = None) -> float | None:
+        """The reward function's score when the task has one (``None``: unscorable), else the verifier's."""
+        if self.reward_fn is None:
+            return self.verified(prompt, completion, answer)
+        if self.conversational:
+            said = [{"role": "user", "content": prompt}], [{"role": "assistant", "content": completion}]
+        else:
+            said = prompt, completion
+        return one_reward(self.reward_fn, self.reward_name, *said, self._columns.get(prompt, {}))
+
+    def is_correct(self, prompt: str, completion: str, answer: str | None = None) -> bool:
+        return self.verified(prompt, completion, answer) >= CORRECT
+
+    def verified(self, prompt: str, completion: str, answer: str | None = None) -> float:
+        """The verifier's score: ``CORRECT`` when the completion matches an answer of the prompt, else 0."""
         answers = [str(answer)] if answer is not None else self._answers.get(prompt, []) if isinstance(prompt, str) \
             else []
         said = clip_completion(completion)
