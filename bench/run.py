@@ -54,7 +54,7 @@ def _sizes(quick: bool) -> dict:
         return {"grpo": (2, 4), "sft": (3, 10), "rollout": (16, 1), "flops": (1, 2), "experiment": (4, 2, 16, 8),
                 "lmeval": (1,), "sft_varlen": (1, 3)}
     return {"grpo": (3, 25), "sft": (5, 80), "rollout": (64, 3), "flops": (2, 5), "experiment": (20, 8, 64, 32),
-            "lmeval": (2,), "sft_varlen": (2, 12)}
+            "lmeval": (2,), "sft_varlen": (2, 50)}
 
 
 def measure(part: str, quick: bool) -> dict:

@@ -16,6 +16,9 @@ Real target tokens/s counts the answer tokens (eos included) trained on, never p
 most that many padded tokens); TRL runs at its defaults (gradient checkpointing on) and with each of its own options
 that cut padding on CPU — ``train_sampling_strategy="group_by_length"`` and ``padding_free=True`` (one flattened row
 per batch, position ids restarting per example) — with checkpointing off; the best of those is the reference.
+``group_by_length`` sorts megabatches of 50 batches longest first, so a run shorter than ~50 timed steps times
+mostly its longest (least padded) batches and overstates its tokens/s: the full bench times 50 steps, ``--quick``
+only 3 (its target tokens per step, reported beside the rate, shows the bias).
 """
 
 from __future__ import annotations
