@@ -60,6 +60,25 @@ def collate(sequences: Sequence[tuple[list[int], list[int]]], pad_id: int) -> To
     return TokenBatch(input_ids, mask, labels)
 
 
+def length_buckets(lengths: Sequence[int], max_tokens: int, max_rows: int | None = None) -> list[list[int]]:
+    """Indices of sequences grouped for right-padded micro-batches: shortest first, each group as long as its
+    padded size (rows × its longest length) stays within ``max_tokens`` and its rows within ``max_rows``. A sequence
+    longer than ``max_tokens`` is a group of its own. Sorting by length is what makes the padding small: sequences of
+    5 and 400 tokens no longer share a row length."""
+    order = sorted(range(len(lengths)), key=lambda i: lengths[i])
+    groups: list[list[int]] = []
+    for i in order:
+        group = groups[-1] if groups else None
+        # lengths only grow along ``order``, so the group's padded size with i added is (rows + 1) × lengths[i]
+        fits = group is not None and (len(group) + 1) * lengths[i] <= max_tokens and (
+            max_rows is None or len(group) < max_rows)
+        if fits:
+            group.append(i)
+        else:
+            groups.append([i])
+    return groups
+
+
 def model_inputs(batch: TokenBatch, device: torch.device | str) -> dict[str, torch.Tensor]:
     """Forward arguments for a right-padded batch. The attention mask is left out: under causal attention a real
     token only sees earlier positions, which are all real, so padding cannot reach it, and without an explicit mask

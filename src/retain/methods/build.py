@@ -97,7 +97,7 @@ def build_objective(cfg: MethodConfig, ctx: StageContext):
     source = build_source(cfg, ctx, _load_source_model)
     sft = SFTObjective(
         _token_sampler(source, ctx.tokenizer), ctx.tokenizer.pad_token_id, cfg.batch_size, cfg.micro_batch_size,
-        seed=ctx.seed, weighting=weighting, regularizers=regs,
+        seed=ctx.seed, weighting=weighting, regularizers=regs, micro_batch_tokens=cfg.micro_batch_tokens,
     )
     if isinstance(loss, PSFTLoss):
         return ProximalSFTObjective(sft, ctx.model, loss.eps, loss.updates_per_batch)

@@ -285,6 +285,10 @@ class MethodConfig(_Strict):
     train: TrainConfig = Field(default_factory=lambda: TrainConfig(steps=100, lr=3e-4))
     batch_size: int = Field(32, ge=1, le=MAX_BATCH, description="sequences per optimizer step (SFT family)")
     micro_batch_size: int | None = Field(None, ge=1, le=MAX_BATCH)
+    micro_batch_tokens: int | None = Field(
+        None, ge=1, le=MAX_BATCH, description="SFT family: length bucketing — sort each step's sequences by length and "
+        "cut micro-batches of at most this many padded tokens (same examples and loss per step, less padding)",
+    )
     max_new_tokens: int | None = Field(None, ge=1, le=MAX_TOKENS, description="sampling length (default: the task's)")
 
     @model_validator(mode="after")
@@ -297,6 +301,9 @@ class MethodConfig(_Strict):
             )
         if on_policy and self.replay is not None:
             raise ValueError("replay is for the SFT family (offline/self/iterative data), not on_policy data")
+        if on_policy and self.micro_batch_tokens is not None:
+            raise ValueError("micro_batch_tokens (length bucketing) is for the SFT family; GRPO's micro-batches are "
+                             "micro_batch_size rollout rows")
         mixes = [r.kind for r in self.regularizers if isinstance(r, SFTMixReg)]
         if mixes and not isinstance(self.loss, GRPOLoss):
             raise ValueError("regularizer sft_mix adds SFT to a GRPO step: it needs on_policy data and the grpo loss")

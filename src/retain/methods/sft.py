@@ -13,7 +13,7 @@ from typing import Callable, Protocol, Sequence
 
 import torch
 
-from retain.data import IGNORE, TokenBatch, collate, model_inputs
+from retain.data import IGNORE, TokenBatch, collate, length_buckets, model_inputs
 from retain.distributed import world_size
 from retain.losses import confident_conflict_mask, dft_weights, eaft_weights, sft_loss
 
@@ -55,7 +55,13 @@ def conflict_masking(entropy_max: float, prob_max: float) -> TokenWeighting:
 class SFTObjective:
     """Each step draws ``batch_size`` token pairs from ``sampler`` (seeded by ``(seed, step)``, so resume is exact)
     and splits them into micro-batches of ``micro_batch_size`` (default: the whole batch, or one share per process
-    under DDP, where the Trainer gives each process its share of the micro-batches)."""
+    under DDP, where the Trainer gives each process its share of the micro-batches).
+
+    ``micro_batch_tokens`` (length bucketing): the step's sequences are sorted by length and cut into micro-batches
+    of at most that many padded tokens (and at most ``micro_batch_size`` rows when that is given too), so short and
+    long sequences stop sharing a padded row length. The step's examples and its loss are unchanged — every
+    micro-batch is still normalised by the whole step's target tokens — only the padding (and float summation order)
+    differ (bench/sft_varlen.py measures it on data of 5-400 tokens)."""
 
     def __init__(
         self,
@@ -66,11 +72,14 @@ class SFTObjective:
         seed: int = 0,
         weighting: TokenWeighting = nll_weighting,
         regularizers: Sequence[Regularizer] = (),
+        micro_batch_tokens: int | None = None,
     ) -> None:
         self.sampler = sampler
         self.pad_id = pad_id
         self.batch_size = batch_size
         self.micro = micro_batch_size or -(-batch_size // world_size())
+        self.micro_rows = micro_batch_size  # the row cap under length bucketing (None: the token budget alone)
+        self.micro_tokens = micro_batch_tokens
         self.seed = seed
         self.weighting = weighting
         self.regularizers = list(regularizers)
@@ -78,7 +87,11 @@ class SFTObjective:
     def batches(self, step: int) -> list[TokenBatch]:
         rng = random.Random(self.seed * 1_000_003 + step)
         pairs = list(self.sampler(rng, self.batch_size, step))
-        chunks = [collate(pairs[i : i + self.micro], self.pad_id) for i in range(0, len(pairs), self.micro)]
+        if self.micro_tokens:
+            groups = length_buckets([len(p) + len(a) for p, a in pairs], self.micro_tokens, self.micro_rows)
+            chunks = [collate([pairs[i] for i in group], self.pad_id) for group in groups]
+        else:
+            chunks = [collate(pairs[i : i + self.micro], self.pad_id) for i in range(0, len(pairs), self.micro)]
         step_tokens = sum(c.num_target_tokens for c in chunks)
         step_positions = sum(int(c.attention_mask[:, 1:].sum()) for c in chunks)  # positions that predict a token
         for i, chunk in enumerate(chunks):
