@@ -39,7 +39,7 @@ def _quiet_libraries() -> None:
 def pretrain(
     out: Optional[Path] = typer.Option(None, help="directory to write the HF model to (default runs/base, runs/vlm)"),
     preset: str = typer.Option("tiny", help="model size preset (of the vision tower with --vision)"),
-    steps: Optional[int] = typer.Option(None, min=1, help="optimizer steps (default 2000; --vision: joint steps, 300)"),
+    steps: Optional[int] = typer.Option(None, min=1, help="optimizer steps (default 2000; --vision: joint steps, 200)"),
     batch_size: Optional[int] = typer.Option(None, min=1, help="default 128 (--vision: 64)"),
     lr: Optional[float] = typer.Option(None, min=0.0, help="default 2e-3 (--vision: 1e-3)"),
     seed: int = typer.Option(0),
