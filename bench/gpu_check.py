@@ -91,7 +91,8 @@ def retain_stage(model, tok, method: dict, task: str, device: str, precision: st
 
     from retain import tasks
     from retain.distributed import make_accelerator
-    from retain.methods.build import build_objective, frozen_copy
+    from retain.methods.build import build_objective
+    from retain.models.adapters import frozen_copy
     from retain.methods.config import method_config
     from retain.methods.stage import MethodState, StageContext
     from retain.train import Trainer

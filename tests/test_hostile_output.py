@@ -176,7 +176,8 @@ def _prompt(name: str, pick: tuple[int, str | None]) -> str:
 
 
 def test_every_registered_task_is_covered():
-    assert set(TASKS) == {"facts", "reverse", "arith", "gpoints", "kg", "countdown"}
+    assert set(TASKS) == {"facts", "reverse", "arith", "gpoints", "kg", "countdown",
+                          "cards", "gpoints_vl", "vcount", "vcolor", "vspatial", "vdigits"}
 
 
 def test_every_task_reward_survives_hostile_output(request):

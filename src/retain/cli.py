@@ -37,31 +37,47 @@ def _quiet_libraries() -> None:
 
 @app.command()
 def pretrain(
-    out: Path = typer.Option(Path("runs/base"), help="directory to write the HF model to"),
-    preset: str = typer.Option("tiny", help="model size preset"),
-    steps: int = typer.Option(2000, min=1, help="optimizer steps"),
-    batch_size: int = typer.Option(128, min=1),
-    lr: float = typer.Option(2e-3, min=0.0),
+    out: Optional[Path] = typer.Option(None, help="directory to write the HF model to (default runs/base, runs/vlm)"),
+    preset: str = typer.Option("tiny", help="model size preset (of the vision tower with --vision)"),
+    steps: Optional[int] = typer.Option(None, min=1, help="optimizer steps (default 2000; --vision: joint steps, 200)"),
+    batch_size: Optional[int] = typer.Option(None, min=1, help="default 128 (--vision: 64)"),
+    lr: Optional[float] = typer.Option(None, min=0.0, help="default 2e-3 (--vision: 1e-3)"),
     seed: int = typer.Option(0),
-    eval_n: int = typer.Option(256, min=1, help="prompts per task in the final evaluation"),
+    eval_n: Optional[int] = typer.Option(None, min=1, help="prompts per task in the final evaluation"),
+    vision: bool = typer.Option(False, "--vision", help="train the embedded VLM on the embedded base (--base)"),
+    base: str = typer.Option("base", help="with --vision: the text model the VLM's language model starts from"),
+    aux_steps: Optional[int] = typer.Option(None, min=0, help="with --vision: vision-tower steps (default 400)"),
 ) -> None:
-    """Train the embedded base model from scratch on the prior-skill mixture."""
+    """Train the embedded base model from scratch on the prior-skill mixture (--vision: the embedded VLM on it)."""
     from rich.console import Console
     from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
-    from retain.pretrain import PretrainConfig
-    from retain.pretrain import pretrain as run_pretrain
+    given = {k: v for k, v in dict(steps=steps, batch_size=batch_size, lr=lr, eval_n=eval_n).items() if v is not None}
+    if vision:
+        from retain.vision.pretrain import VisionPretrainConfig
+        from retain.vision.pretrain import pretrain_vision as run_pretrain
 
-    cfg = _validated(PretrainConfig, preset=preset, steps=steps, batch_size=batch_size, lr=lr, seed=seed, eval_n=eval_n)
+        extra = {"aux_steps": aux_steps} if aux_steps is not None else {}
+        cfg = _validated(VisionPretrainConfig, base=base, vision=preset, seed=seed, **given, **extra)
+        out = out or Path("runs/vlm")
+        total = cfg.aux_steps + cfg.steps
+    else:
+        from retain.pretrain import PretrainConfig
+        from retain.pretrain import pretrain as run_pretrain
+
+        cfg = _validated(PretrainConfig, preset=preset, seed=seed, **given)
+        out = out or Path("runs/base")
+        total = cfg.steps
     console = Console(stderr=True)
     with Progress(TextColumn("pretrain"), BarColumn(), TextColumn("{task.completed}/{task.total} loss {task.fields[loss]}"),
                   TimeRemainingColumn(), console=console, transient=True) as bar:
-        job = bar.add_task("pretrain", total=cfg.steps, loss="-")
+        job = bar.add_task("pretrain", total=total, loss="-")
 
         def log(record: dict) -> None:
-            bar.update(job, completed=record["step"], loss=f"{record.get('loss', 0):.3f}")
-            if not console.is_terminal and record["step"] % max(1, cfg.steps // 20) == 0:  # logs, CI: plain lines
-                console.print(f"pretrain step {record['step']}/{cfg.steps} loss {record.get('loss', 0):.4f}")
+            done = record["step"] + (getattr(cfg, "aux_steps", 0) if record.get("phase") == "joint" else 0)
+            bar.update(job, completed=done, loss=f"{record.get('loss', 0):.3f}")
+            if not console.is_terminal and done % max(1, total // 20) == 0:  # logs, CI: plain lines
+                console.print(f"pretrain step {done}/{total} loss {record.get('loss', 0):.4f}")
 
         result = run_pretrain(cfg, out, log=log)
     console.print(f"wrote {out} ({result['parameters']:,} parameters, {result['train_seconds']} s training, "

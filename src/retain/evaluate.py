@@ -23,6 +23,7 @@ import torch
 from transformers import PreTrainedTokenizerBase
 
 from retain import tasks as task_registry
+from retain.errors import RetainError
 from retain.rollout import RolloutEngine, make_engine
 
 DEFAULT_MAX_NEW_TOKENS = 24
@@ -45,6 +46,9 @@ def evaluate_task(
 ) -> dict[str, Any]:
     """``{"accuracy", "n"}`` plus ``{"pass_at_k", "k"}`` when ``samples`` > 0, for one task and split."""
     task = task_registry.get(task_name)
+    if getattr(task, "modality", "text") != "text":  # its prompts mean nothing without their pictures
+        raise RetainError(f"task {task_name!r} shows pictures: evaluate it with retain.vision.engine.evaluate_visual "
+                          "on a vision-language model")
     examples = task.examples(split, n, seed=seed)
     prompts = [e.prompt for e in examples]
     max_new = getattr(task, "max_new_tokens", DEFAULT_MAX_NEW_TOKENS)

@@ -26,6 +26,12 @@ _BUILTIN: dict[str, str] = {
     "gpoints": "retain.tasks.gpoints:GeneralPointsTask",
     "kg": "retain.tasks.kg:KGComposeTask",
     "countdown": "retain.tasks.countdown:CountdownTask",
+    "cards": "retain.vision.tasks:CardRecognitionTask",
+    "gpoints_vl": "retain.vision.tasks:GeneralPointsVLTask",
+    "vcount": "retain.vision.tasks:CountTask",
+    "vcolor": "retain.vision.tasks:ColorTask",
+    "vspatial": "retain.vision.tasks:SpatialTask",
+    "vdigits": "retain.vision.tasks:DigitsTask",
 }
 
 _DATA_SUFFIXES = (".jsonl", ".json", ".parquet")
@@ -33,6 +39,8 @@ _DATA_SUFFIXES = (".jsonl", ".json", ".parquet")
 GROUPS: dict[str, tuple[str, ...]] = {
     "prior": ("facts", "reverse", "arith"),
     "sequence": ("gpoints", "kg", "countdown"),
+    "vprior": ("cards",),  # visual tasks: their examples carry a picture (Example.image); see retain.vision.tasks
+    "vsequence": ("gpoints_vl", "vcount", "vcolor", "vspatial", "vdigits"),
 }
 
 

@@ -38,6 +38,7 @@ class Example:
     answer: str
     answers: tuple[str, ...] = ()
     meta: dict[str, Any] = field(default_factory=dict, compare=False, hash=False)
+    image: Any = None
 
     def __post_init__(self) -> None:
         if not self.answers:
