@@ -192,8 +192,9 @@ def test_a_short_stage_trains_the_vlm_with_pictures(method):
     batch = objective.batches(0)[0]
     assert batch.pixel_values.shape[0] == batch.input_ids.shape[0] == 4  # one picture per sampled completion
     assert (batch.input_ids == model.config.image_token_id).sum(1).eq(IMAGE_TOKENS).all()
-    # a fresh VLM rarely earns a reward (advantage 0, no gradient): give the groups advantages to see where it flows
-    batch.advantages = torch.tensor([1.0, -1.0, 0.5, -0.5])
+    # a fresh VLM rarely earns a reward (advantage 0, no gradient), and its samples of one prompt are often identical
+    # (opposite advantages cancel exactly): give every row a positive advantage to see where the gradient flows
+    batch.advantages = torch.tensor([1.0, 1.0, 0.5, 0.5])
     model.zero_grad()
     objective.loss(model, batch)[0].backward()
     assert model.model.vision_tower.embeddings.patch_embedding.weight.grad.abs().sum() > 0
