@@ -221,3 +221,12 @@ def test_shipped_vlm_loads_and_keeps_its_recorded_skills():
     assert evaluate(text_view(model), processor.tokenizer, ["arith"], n=24)["arith"]["accuracy"] >= 0.9
     cards = evaluate_visual(VisionEngine(model, processor), "cards", n=24)
     assert cards["correct"] == recorded["cards"]["correct"][:24]  # greedy, the same first items
+
+
+def test_text_pretraining_refuses_a_visual_task():
+    from pydantic import ValidationError
+
+    from retain.models.pretrain import PretrainConfig
+
+    with pytest.raises(ValidationError, match="'cards' shows pictures"):
+        PretrainConfig(mixture={"arith": 1.0, "cards": 1.0})
