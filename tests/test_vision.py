@@ -192,8 +192,9 @@ def test_a_short_stage_trains_the_vlm_with_pictures(method):
     batch = objective.batches(0)[0]
     assert batch.pixel_values.shape[0] == batch.input_ids.shape[0] == 4  # one picture per sampled completion
     assert (batch.input_ids == model.config.image_token_id).sum(1).eq(IMAGE_TOKENS).all()
-    # a fresh VLM rarely earns a reward (advantage 0, no gradient): give the groups advantages to see where it flows
-    batch.advantages = torch.tensor([1.0, -1.0, 0.5, -0.5])
+    # a fresh VLM rarely earns a reward (advantage 0, no gradient), and its samples of one prompt are often identical
+    # (opposite advantages cancel exactly): give every row a positive advantage to see where the gradient flows
+    batch.advantages = torch.tensor([1.0, 1.0, 0.5, 0.5])
     model.zero_grad()
     objective.loss(model, batch)[0].backward()
     assert model.model.vision_tower.embeddings.patch_embedding.weight.grad.abs().sum() > 0
@@ -220,3 +221,12 @@ def test_shipped_vlm_loads_and_keeps_its_recorded_skills():
     assert evaluate(text_view(model), processor.tokenizer, ["arith"], n=24)["arith"]["accuracy"] >= 0.9
     cards = evaluate_visual(VisionEngine(model, processor), "cards", n=24)
     assert cards["correct"] == recorded["cards"]["correct"][:24]  # greedy, the same first items
+
+
+def test_text_pretraining_refuses_a_visual_task():
+    from pydantic import ValidationError
+
+    from retain.models.pretrain import PretrainConfig
+
+    with pytest.raises(ValidationError, match="'cards' shows pictures"):
+        PretrainConfig(mixture={"arith": 1.0, "cards": 1.0})

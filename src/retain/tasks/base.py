@@ -38,7 +38,7 @@ class Example:
     answer: str
     answers: tuple[str, ...] = ()
     meta: dict[str, Any] = field(default_factory=dict, compare=False, hash=False)
-    image: Any = None
+    image: Any = None  # a visual task's picture: a scene of retain.vision.render (``.render()`` draws it)
 
     def __post_init__(self) -> None:
         if not self.answers:
