@@ -226,7 +226,7 @@ def test_shipped_vlm_loads_and_keeps_its_recorded_skills():
 def test_text_pretraining_refuses_a_visual_task():
     from pydantic import ValidationError
 
-    from retain.models.pretrain import PretrainConfig
+    from retain.pretrain import PretrainConfig
 
     with pytest.raises(ValidationError, match="'cards' shows pictures"):
         PretrainConfig(mixture={"arith": 1.0, "cards": 1.0})

@@ -59,6 +59,8 @@ class PretrainConfig(BaseModel):
                 raise ValueError(f"unknown task {name!r} in mixture")
             if getattr(task_registry.get(name), "modality", "text") != "text":
                 raise ValueError(f"task {name!r} shows pictures: pretrain it with `retain pretrain --vision`")
+            if getattr(task_registry.get(name), "modality", "text") != "text":
+                raise ValueError(f"task {name!r} shows pictures: pretrain it with `retain pretrain --vision`")
             if w < 0:
                 raise ValueError(f"negative weight {w} for {name!r}")
         if sum(v.values()) <= 0:
