@@ -54,18 +54,22 @@ class PretrainConfig(BaseModel):
     @field_validator("mixture")
     @classmethod
     def _known_tasks(cls, v: dict[str, float]) -> dict[str, float]:
-        for name, w in v.items():
-            if name not in task_registry.names():
-                raise ValueError(f"unknown task {name!r} in mixture")
-            if getattr(task_registry.get(name), "modality", "text") != "text":
-                raise ValueError(f"task {name!r} shows pictures: pretrain it with `retain pretrain --vision`")
-            if getattr(task_registry.get(name), "modality", "text") != "text":
-                raise ValueError(f"task {name!r} shows pictures: pretrain it with `retain pretrain --vision`")
-            if w < 0:
-                raise ValueError(f"negative weight {w} for {name!r}")
-        if sum(v.values()) <= 0:
-            raise ValueError("mixture weights sum to zero")
-        return v
+        return check_mixture(v, pictures=False)
+
+
+def check_mixture(mixture: dict[str, float], pictures: bool) -> dict[str, float]:
+    """A pretraining mixture's task weights: known tasks, weights ≥ 0 and not all 0; visual tasks only when
+    ``pictures`` (``retain pretrain --vision``). ``ValueError`` naming the task otherwise."""
+    for name, w in mixture.items():
+        if name not in task_registry.names():
+            raise ValueError(f"unknown task {name!r} in mixture")
+        if not pictures and getattr(task_registry.get(name), "modality", "text") != "text":
+            raise ValueError(f"task {name!r} shows pictures: pretrain it with `retain pretrain --vision`")
+        if w < 0:
+            raise ValueError(f"negative weight {w} for {name!r}")
+    if sum(mixture.values()) <= 0:
+        raise ValueError("mixture weights sum to zero")
+    return mixture
 
 
 def pretrain_split(task_name: str) -> str:

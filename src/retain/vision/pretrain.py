@@ -33,6 +33,7 @@ from retain import tasks as task_registry
 from retain.data import IGNORE, encode_answer, encode_prompt
 from retain.io import atomic_write_json
 from retain.losses import sft_loss
+from retain.pretrain import check_mixture, pretrain_split
 from retain.train import TrainConfig, Trainer, lr_lambda, seed_everything
 from retain.vision.model import VISION_EMBEDDED_DIR, VISION_PRESETS, build_vlm, text_view, vision_prompt_text
 from retain.vision.render import COLORS, SHAPES, CardScene, NumberScene, ShapeScene
@@ -77,19 +78,7 @@ class VisionPretrainConfig(BaseModel):
     @field_validator("mixture")
     @classmethod
     def _known_tasks(cls, v: dict[str, float]) -> dict[str, float]:
-        for name, w in v.items():
-            if name not in task_registry.names():
-                raise ValueError(f"unknown task {name!r} in mixture")
-            if w < 0:
-                raise ValueError(f"negative weight {w} for {name!r}")
-        if sum(v.values()) <= 0:
-            raise ValueError("mixture weights sum to zero")
-        return v
-
-
-def training_split(task_name: str) -> str:
-    splits = task_registry.get(task_name).splits
-    return "pretrain" if "pretrain" in splits else "train"
+        return check_mixture(v, pictures=True)
 
 
 def is_visual(task_name: str) -> bool:
@@ -149,7 +138,7 @@ def scene_pools(mixture: dict[str, float]) -> dict[type, list[Any]]:
     pools: dict[type, list[Any]] = {}
     for name in mixture:
         if mixture[name] > 0 and is_visual(name):
-            for e in task_registry.get(name).examples(training_split(name), None, seed=0):
+            for e in task_registry.get(name).examples(pretrain_split(name), None, seed=0):
                 pools.setdefault(type(e.image), []).append(e.image)
     return pools
 
@@ -208,7 +197,7 @@ def vision_sampler(processor, mixture: dict[str, float]) -> Callable[[random.Ran
     for name in names:
         visual = is_visual(name)
         pool = []
-        for e in task_registry.get(name).examples(training_split(name), None, seed=0):
+        for e in task_registry.get(name).examples(pretrain_split(name), None, seed=0):
             if visual:
                 if e.prompt not in prompt_ids:  # a picture always expands to the same number of tokens
                     prompt_ids[e.prompt] = processor(text=[vision_prompt_text(e.prompt)], images=[e.image.render()])[
