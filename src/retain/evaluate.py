@@ -58,13 +58,18 @@ def evaluate_task(
                               **halves(correct), "correct": "".join("1" if c else "0" for c in correct)}
     if samples > 0:
         sampled = engine.generate(prompts, n=samples, temperature=1.0, max_new_tokens=max_new, seed=seed + 1)
-        per_prompt = [0] * len(prompts)
-        for i, text in zip(sampled.group, sampled.texts):
-            per_prompt[i] += task.is_correct(prompts[i], text, examples[i].answer)
-        result["pass_at_k"] = sum(pass_at_k(samples, c, samples) for c in per_prompt) / max(1, len(prompts))
-        result["k"] = samples
-        result["sample_accuracy"] = sum(per_prompt) / max(1, len(prompts) * samples)
+        result.update(sampled_scores(task, examples, sampled, samples))
     return result
+
+
+def sampled_scores(task, examples: Sequence[Any], sampled, samples: int) -> dict[str, Any]:
+    """pass@K, K and the mean sample accuracy of ``samples`` completions per example (``sampled.group`` indexes
+    ``examples``), each judged by the task's verifier against the example's answer."""
+    per_prompt = [0] * len(examples)
+    for i, text in zip(sampled.group, sampled.texts):
+        per_prompt[i] += task.is_correct(examples[i].prompt, text, examples[i].answer)
+    return {"pass_at_k": sum(pass_at_k(samples, c, samples) for c in per_prompt) / max(1, len(examples)),
+            "k": samples, "sample_accuracy": sum(per_prompt) / max(1, len(examples) * samples)}
 
 
 def halves(correct: Sequence[bool]) -> dict[str, float | None]:

@@ -12,7 +12,7 @@ from typing import Any, Sequence
 
 import torch
 
-from retain.evaluate import halves, pass_at_k
+from retain.evaluate import halves, sampled_scores
 from retain.rollout.base import Rollout
 from retain.vision.model import vision_prompt_text
 
@@ -92,10 +92,5 @@ def evaluate_visual(
                               "correct": "".join("1" if c else "0" for c in correct)}
     if samples > 0:
         sampled = engine.generate(prompts, images, n=samples, temperature=1.0, max_new_tokens=max_new, seed=seed + 1)
-        per_prompt = [0] * len(prompts)
-        for i, text in zip(sampled.group, sampled.texts):
-            per_prompt[i] += task.is_correct(prompts[i], text, examples[i].answer)
-        result["pass_at_k"] = sum(pass_at_k(samples, c, samples) for c in per_prompt) / max(1, len(prompts))
-        result["k"] = samples
-        result["sample_accuracy"] = sum(per_prompt) / max(1, len(prompts) * samples)
+        result.update(sampled_scores(task, examples, sampled, samples))
     return result
