@@ -116,7 +116,7 @@ def run(
     out: Path = typer.Option(..., "--out", help="run directory (resumed if it holds an interrupted run)"),
     quiet: bool = typer.Option(False, help="no progress display"),
     report_to: Optional[str] = typer.Option(None, "--report-to", help="trackers, comma-separated: tensorboard, "
-                                            "mlflow (or none); replaces the config's report_to"),
+                                            "mlflow, trackio, wandb (or none); replaces the config's report_to"),
 ) -> None:
     """Run a continual experiment: stages, evaluation after each, metrics and shift in OUT/results.json."""
     from retain.config import load_experiment
@@ -143,7 +143,7 @@ def sweep(
     workers: Optional[int] = typer.Option(None, min=0, help="runs at once (local: default 1, 0 = in this process; "
                                           "ray: a local cluster of WORKERS × resources.cpus CPUs)"),
     report_to: Optional[str] = typer.Option(None, "--report-to", help="trackers, comma-separated: tensorboard, "
-                                            "mlflow (or none); replaces the config's report_to"),
+                                            "mlflow, trackio, wandb (or none); replaces the config's report_to"),
 ) -> None:
     """Run a grid of experiments (methods, seeds, any field) on Ray or locally; retry failures once; skip finished runs."""
     from rich.console import Console
@@ -205,7 +205,7 @@ def demo(
     seeds: Optional[str] = typer.Option(None, help="comma-separated seeds replacing the preset's (e.g. 0,1)"),
     lrs: Optional[str] = typer.Option(None, help="comma-separated learning rates replacing the preset's grid"),
     report_to: Optional[str] = typer.Option(None, "--report-to", help="trackers, comma-separated: tensorboard, "
-                                            "mlflow (or none); for every run"),
+                                            "mlflow, trackio, wandb (or none); for every run"),
 ) -> None:
     """The main job: the preset's methods × an lr grid × seeds as a sweep, then the report with its verdicts."""
     from rich.console import Console

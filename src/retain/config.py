@@ -204,8 +204,8 @@ class ExperimentConfig(_Strict):
     gradient_checkpointing: bool = Field(False, description="recompute activations in the backward pass")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: this process's GPU if any, else CPU")
     # where the run is watched, not what it is: left out of the resolved config, so a run resumes under other trackers
-    report_to: list[Literal["tensorboard", "mlflow"]] = Field(
-        default_factory=list, exclude=True, description="trackers (retain.tracking): tensorboard, mlflow")
+    report_to: list[Literal["tensorboard", "mlflow", "trackio", "wandb"]] = Field(
+        default_factory=list, exclude=True, description="trackers (retain.tracking)")
     _methods: list[MethodConfig] = PrivateAttr(default_factory=list)  # each stage's, resolved once
 
     @field_validator("datasets")

@@ -37,6 +37,7 @@ from retain.io import (
 )
 from retain.methods.stage import MethodState
 from retain.models.adapters import merged_copy
+from retain.stored_config import config_difference
 from retain.version import __version__
 
 Progress = Callable[[str, dict[str, Any]], None]  # (event, data): "stage_start", "step", "eval", "stage_done", "warning"
@@ -107,8 +108,10 @@ def prepare_run_dir(cfg: ExperimentConfig, out: Path) -> int:
             held = yaml.safe_load(config_file.read_text(encoding="utf-8"))
         except (yaml.YAMLError, UnicodeDecodeError):
             raise RetainError(f"{config_file} is damaged (not YAML): restore it, or choose another --out") from None
-        if held != yaml.safe_load(resolved):
-            raise RetainError(f"{out} holds a run of a different config; choose another --out or delete it")
+        difference = config_difference(cfg, held)  # fields added since it was written read as their defaults
+        if difference:
+            raise RetainError(f"{out} holds a run of a different config ({difference}); choose another --out or "
+                              "delete it")
     else:
         atomic_write_text(config_file, resolved)
     done = 0

@@ -56,6 +56,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from retain.config import ExperimentConfig, parse_experiment
 from retain.errors import RetainError
 from retain.io import atomic_write_json
+from retain.stored_config import config_difference
 from retain.yaml_input import field_error, read_yaml
 
 Progress = Callable[[str, dict[str, Any]], None]  # "plan", "skip", "start", "done", "failed"
@@ -414,17 +415,14 @@ class _RayExecutor:
 
 
 # --- the sweep -----------------------------------------------------------------------------------------------------
-def _resolved(cfg: ExperimentConfig) -> Any:
-    return yaml.safe_load(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=True))  # as the runner writes it
-
-
 def _finished(run: SweepRun, run_dir: Path) -> bool:
     """True when the run is done under this config; raises when the directory holds a different config."""
     config_file = run_dir / "config.yaml"
     if not config_file.exists():
         return False
-    if yaml.safe_load(config_file.read_text(encoding="utf-8")) != _resolved(run.experiment):
-        raise RetainError(f"{run_dir} holds a run of a different config (was the sweep file changed?); "
+    difference = config_difference(run.experiment, yaml.safe_load(config_file.read_text(encoding="utf-8")))
+    if difference:
+        raise RetainError(f"{run_dir} holds a run of a different config ({difference}; was the sweep file changed?); "
                           "choose another --out or delete that directory")
     return (run_dir / "results.json").exists()
 

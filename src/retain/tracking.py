@@ -12,7 +12,14 @@ Logged, on one step axis that runs on across stages (stage k's step s is ``steps
 Backends, each offline: ``tensorboard`` — event files in ``DIR/tensorboard`` (``tensorboard --logdir DIR``; a
 sweep's directory shows its runs side by side); ``mlflow`` — a local file store ``STORE/mlruns`` (the run directory,
 or the sweep's directory so a sweep's runs are runs of one experiment), unless ``MLFLOW_TRACKING_URI`` names
-another. A backend whose package is missing is one error naming the extra: ``pip install 'retain[tracking]'``.
+another; ``wandb`` — an offline run in ``DIR/wandb`` (``WANDB_MODE`` may say otherwise; ``wandb sync DIR/wandb/
+offline-run-*`` uploads it), project = the experiment; ``trackio`` — its local SQLite database in ``STORE/trackio``
+unless ``TRACKIO_DIR`` names another (``TRACKIO_DIR=STORE/trackio trackio show``), project = the experiment, no server
+started. A backend whose package is missing is one error naming the extra: ``pip install 'retain[tracking]'``.
+
+W&B wants its step axis to only grow, and in-stage evaluation points are logged at the stage's end, behind its
+last training step: W&B's own step counts calls, and every metric is plotted against ``global_step`` (the axis
+above; ``define_metric``).
 
 Everything is read from the run's own files when the runner announces them (its progress events), so tracking
 changes nothing about the run.
@@ -20,8 +27,12 @@ changes nothing about the run.
 
 from __future__ import annotations
 
+import contextlib
+import io
+import logging
 import os
 import re
+import sys
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -31,13 +42,16 @@ from retain.errors import RetainError
 from retain.io import read_json
 
 INSTALL = "pip install 'retain[tracking]'"
-TRACKERS = ("tensorboard", "mlflow")
+TRACKERS = ("tensorboard", "mlflow", "trackio", "wandb")
+PREFIXES = ("train", "eval", "shift", "metrics")  # every logged name starts with one of these
 TRL_NAMES = {"loss": "train/loss", "reward": "train/reward", "kl": "train/kl", "entropy": "train/entropy",
              "kl_mean": "train/kl", "grad_norm": "train/grad_norm", "lr": "train/learning_rate"}
 NOT_SCALARS = {"stage", "step", "task", "event"}
 EVAL_FIELDS = ("accuracy", "pass_at_k", "nll")
 
 Progress = Callable[[str, dict[str, Any]], None]
+
+logger = logging.getLogger("retain")
 
 
 def tag(name: str) -> str:
@@ -106,11 +120,102 @@ class MLflow:
         self.client.set_terminated(self.run_id)
 
 
-BACKENDS = {"tensorboard": TensorBoard, "mlflow": MLflow}
+class WandB:
+    def __init__(self, out: Path, store: Path, experiment: str, run: str) -> None:
+        try:
+            import wandb
+        except ImportError:
+            raise RetainError(f"report_to: wandb needs the wandb package: {INSTALL}") from None
+        self.wandb = wandb
+        # no console capture, git probe or system sampling: the run's own files say what they would
+        settings = wandb.Settings(console="off", disable_git=True, save_code=False, x_disable_stats=True,
+                                  x_disable_meta=True, silent=True)
+        self.run = wandb.init(project=tag(experiment), name=run, dir=str(out), reinit="create_new", settings=settings,
+                              mode=os.environ.get("WANDB_MODE", "offline"))
+        self.run.define_metric("global_step")
+        for prefix in PREFIXES:
+            self.run.define_metric(f"{prefix}/*", step_metric="global_step")
+
+    def scalars(self, values: dict[str, float], step: int) -> None:
+        self.run.log({**values, "global_step": step})
+
+    def table(self, name: str, markdown: str, rows: dict[str, Any]) -> None:
+        self.run.log({name: self.wandb.Table(columns=rows["columns"], data=rows["data"])})
+
+    def flush(self) -> None:
+        pass
+
+    def close(self) -> None:
+        self.run.finish()
+
+
+class Trackio:
+    def __init__(self, out: Path, store: Path, experiment: str, run: str) -> None:
+        trackio = import_trackio(Path(os.environ.get("TRACKIO_DIR") or store / "trackio"))
+        self.trackio = trackio
+        with said_to_log():  # trackio prints where it logs and how to open its dashboard
+            self.run = trackio.init(project=tag(experiment), name=run, embed=False, auto_log_gpu=False,
+                                    auto_log_cpu=False)
+
+    def scalars(self, values: dict[str, float], step: int) -> None:
+        self.run.log(values, step=step)
+
+    def table(self, name: str, markdown: str, rows: dict[str, Any]) -> None:
+        self.run.log({name: self.trackio.Table(columns=rows["columns"], data=rows["data"])})
+
+    def flush(self) -> None:
+        pass
+
+    def close(self) -> None:
+        with said_to_log():
+            self.run.finish()
+        if self.trackio.context_vars.current_run.get() is self.run:  # else trackio finishes it again at exit
+            self.trackio.context_vars.current_run.set(None)
+
+
+def import_trackio(directory: Path) -> Any:
+    """trackio, keeping its database in ``directory``. trackio reads its directory (``TRACKIO_DIR``) once, when it is
+    first imported: this sets it for that import only, and a later run of the same process that wants another one
+    logs where trackio already does (warned, naming both)."""
+    if "trackio" not in sys.modules:
+        before = os.environ.get("TRACKIO_DIR")
+        os.environ["TRACKIO_DIR"] = str(directory)
+        try:
+            import trackio
+        except ImportError:
+            raise RetainError(f"report_to: trackio needs the trackio package: {INSTALL}") from None
+        finally:  # so a process started from this one (a sweep's worker) chooses its own
+            if before is None:
+                os.environ.pop("TRACKIO_DIR", None)
+            else:
+                os.environ["TRACKIO_DIR"] = before
+    import trackio
+    import trackio.utils
+
+    if Path(trackio.utils.TRACKIO_DIR).resolve() != directory.resolve():
+        logger.warning("trackio logs to %s, chosen by this process's first trackio run, not %s (trackio reads "
+                       "TRACKIO_DIR once; one process per run directory keeps them apart)",
+                       trackio.utils.TRACKIO_DIR, directory)
+    return trackio
+
+
+@contextlib.contextmanager
+def said_to_log():
+    """What a tracker prints to stdout goes to the log instead (a command's stdout is its own)."""
+    text = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(text):
+            yield
+    finally:
+        if text.getvalue().strip():
+            logger.info("%s", text.getvalue().strip())
+
+
+BACKENDS = {"tensorboard": TensorBoard, "mlflow": MLflow, "trackio": Trackio, "wandb": WandB}
 
 
 def parse_report_to(text: str) -> list[str]:
-    """``--report-to tensorboard,mlflow`` (``none``: no tracker) as the config's list; unknown names refused."""
+    """``--report-to tensorboard,wandb`` (``none``: no tracker) as the config's list; unknown names refused."""
     names = [part.strip() for part in text.split(",") if part.strip() and part.strip() != "none"]
     unknown = [n for n in names if n not in TRACKERS]
     if unknown:
@@ -122,10 +227,9 @@ def check_installed(report_to: list[str]) -> None:
     """Fail before the run starts when a named tracker's package is missing."""
     import importlib.util
 
-    modules = {"tensorboard": "tensorboard", "mlflow": "mlflow"}
-    for name in report_to:
-        if importlib.util.find_spec(modules[name]) is None:
-            raise RetainError(f"report_to: {name} needs the {modules[name]} package: {INSTALL}")
+    for name in report_to:  # each tracker's package is named as its import
+        if importlib.util.find_spec(name) is None:
+            raise RetainError(f"report_to: {name} needs the {name} package: {INSTALL}")
 
 
 class Tracking:
