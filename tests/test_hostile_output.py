@@ -176,7 +176,7 @@ def _prompt(name: str, pick: tuple[int, str | None]) -> str:
 
 
 def test_every_registered_task_is_covered():
-    assert set(TASKS) == {"facts", "reverse", "arith", "gpoints", "kg", "countdown",
+    assert set(TASKS) == {"facts", "reverse", "arith", "gpoints", "kg", "countdown", "sort",
                           "cards", "gpoints_vl", "vcount", "vcolor", "vspatial", "vdigits"}
 
 

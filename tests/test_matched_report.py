@@ -599,3 +599,14 @@ def test_run_points_by_hand() -> None:
     assert res["metrics"]["prior_drop"] == pytest.approx(p3["readouts"]["prior_drop"])
     # no trajectories (an older results.json): no points
     assert run_points({k: v for k, v in res.items() if k != "trajectories"}) == []
+
+
+def test_a_task_finding_is_decided_where_the_sequence_trains_that_task():
+    from retain.report.matched import FINDINGS, resolved
+
+    f6 = next(f for f in FINDINGS if f.id == "6")
+    assert resolved(f6, ["gpoints", "countdown"]).stage == 1
+    assert resolved(f6, ["sort", "gpoints"]).stage == 2
+    assert resolved(f6, ["sort"]) is None
+    f2 = next(f for f in FINDINGS if f.id == "2")
+    assert resolved(f2, ["sort"]).stage == 1 and resolved(next(f for f in FINDINGS if f.id == "1"), ["sort"]) is None

@@ -47,8 +47,12 @@ def pretrain(
     vision: bool = typer.Option(False, "--vision", help="train the embedded VLM on the embedded base (--base)"),
     base: str = typer.Option("base", help="with --vision: the text model the VLM's language model starts from"),
     aux_steps: Optional[int] = typer.Option(None, min=0, help="with --vision: vision-tower steps (default 400)"),
+    phase: str = typer.Option("scratch", help="scratch, or sort: continue --init's pretraining with the sort task "
+                                             "added (the embedded base's second phase)"),
+    init: Optional[str] = typer.Option(None, help="a model directory to continue pretraining (--phase sort)"),
 ) -> None:
-    """Train the embedded base model from scratch on the prior-skill mixture (--vision: the embedded VLM on it)."""
+    """Train the embedded base model from scratch on the prior-skill mixture (--phase sort: its second phase;
+    --vision: the embedded VLM on it)."""
     from rich.console import Console
     from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
@@ -62,10 +66,15 @@ def pretrain(
         out = out or Path("runs/vlm")
         total = cfg.aux_steps + cfg.steps
     else:
-        from retain.pretrain import PretrainConfig
+        from retain.pretrain import PHASES, PretrainConfig
         from retain.pretrain import pretrain as run_pretrain
 
-        cfg = _validated(PretrainConfig, preset=preset, seed=seed, **given)
+        if phase not in PHASES:
+            raise RetainError(f"unknown --phase {phase!r} (phases: {', '.join(PHASES)})")
+        if (phase == "scratch") != (init is None):
+            raise RetainError("--phase sort continues a model: give --init DIR" if init is None
+                              else "--init continues a model: give --phase sort")
+        cfg = _validated(PretrainConfig, **{**PHASES[phase], "preset": preset, "seed": seed, "init": init, **given})
         out = out or Path("runs/base")
         total = cfg.steps
     console = Console(stderr=True)
@@ -197,7 +206,7 @@ def compare(
 def demo(
     out: Path = typer.Option(Path("runs/demo"), help="demo directory (re-running resumes it)"),
     quick: bool = typer.Option(False, "--quick", help="a few minutes: one seed, two learning rates, SFT and GRPO"),
-    full: bool = typer.Option(False, "--full", help="8 seeds, 5 learning rates, 8 methods, GeneralPoints → Countdown (hours here)"),
+    full: bool = typer.Option(False, "--full", help="8 seeds, 5 learning rates, 8 methods, sort → GeneralPoints (hours here)"),
     methods: Optional[str] = typer.Option(None, help="comma-separated methods (default: the preset's)"),
     workers: int = typer.Option(2, min=1, help="runs in parallel (one torch thread each)"),
     backend: str = typer.Option("local", help="where the runs execute: local (processes) or ray"),

@@ -1,20 +1,28 @@
-"""``retain pretrain``: train the embedded base model from scratch on a mixture of prior skills.
+"""``retain pretrain``: train the embedded base model from scratch on a mixture of prior skills, or continue a
+model's pretraining on another mixture (``init``: a second phase).
 
 The mixture is mostly prior skills (fact recall, string reversal, the single-digit table) plus a small share of
 each sequence task's ``pretrain`` split — a part of the task space disjoint from the ``train`` and ``test``
 splits — so the base model can partly solve the new tasks and on-policy RL has signal, yet has headroom.
-Deterministic for a seed on a given machine and thread count. Output: a HF model directory (safetensors,
+Deterministic for a seed on a given machine and thread count. The embedded base is two phases (``make base``):
+2000 steps from scratch on :data:`DEFAULT_MIXTURE`, then :data:`SORT_PHASE`, a short continuation (320 steps, cosine
+from 1e-3) that adds a little of the sort task's ``pretrain`` split, so the base solves part of a task whose rule
+every method can learn (see ``retain.tasks.sort``). The phase's length came from pilots: a constant-lr probe
+(``scripts/calibrate_sort_phase.py``: sort 0% → 33% greedy over 250 steps), then 180 steps (sort 23% greedy but 7%
+per sample: GRPO's groups had almost no correct sample and it did not learn) and 320 steps (60% greedy, 38% per
+sample, pass@16 83%; shipped). Output: a HF model directory (safetensors,
 tokenizer with chat template, config, published atomically with its manifest) with ``eval.json`` (per-task
 accuracy) and ``pretrain.json`` (the config, wall time, peak memory).
 """
 
 from __future__ import annotations
 
+import json
 import random
 import resource
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator
@@ -22,21 +30,30 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from retain import tasks as task_registry
 from retain.data import encode_answer, encode_prompt
 from retain.methods.sft import Pair, SFTObjective
+from retain.models.loading import load_model
 from retain.models.tiny import PRESETS, make_model
 from retain.models.tokenizer import build_tokenizer
 from retain.rundir import save_model_dir
 from retain.train import TrainConfig, Trainer, seed_everything
 
 DEFAULT_MIXTURE = {"facts": 0.32, "reverse": 0.17, "arith": 0.17, "gpoints": 0.16, "kg": 0.10, "countdown": 0.08}
+# the second phase: the first phase's mixture, scaled down, plus the sort task's pretrain split
+SORT_MIXTURE = {**{k: round(w * 0.85, 4) for k, w in DEFAULT_MIXTURE.items()}, "sort": 0.15}
+# named pretraining phases (``retain pretrain --phase``): the fields each sets on PretrainConfig's defaults
+SORT_PHASE: dict[str, Any] = {"steps": 320, "lr": 1e-3, "schedule": "cosine", "min_lr_ratio": 0.1, "warmup_steps": 20,
+                              "mixture": SORT_MIXTURE}
+PHASES: dict[str, dict[str, Any]] = {"scratch": {}, "sort": SORT_PHASE}
 
 
 class PretrainConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     preset: str = "tiny"
+    init: str | None = Field(None, description="a model directory to continue pretraining (None: from scratch)")
     steps: int = Field(2000, ge=1)
     batch_size: int = Field(128, ge=1)
     lr: float = Field(2e-3, gt=0)
+    schedule: Literal["cosine", "constant"] = "cosine"
     min_lr_ratio: float = Field(0.1, ge=0, le=1)
     warmup_steps: int = Field(50, ge=0)
     seed: int = 0
@@ -94,23 +111,44 @@ def mixture_sampler(tokenizer, mixture: dict[str, float]) -> Callable[[random.Ra
     return sample
 
 
+def init_phases(init: str) -> list[dict[str, Any]]:
+    """The pretraining record(s) of the model a continuation starts from (its ``pretrain.json``, phases flattened
+    oldest first); none for a model retain did not pretrain."""
+    from retain.models.loading import resolve_model_path
+
+    path = Path(resolve_model_path(init)) / "pretrain.json"
+    if not path.is_file():
+        return []
+    record = json.loads(path.read_text())
+    return [*record.pop("earlier_phases", []), record]
+
+
 def pretrain(
-    cfg: PretrainConfig, out: str | Path, log: Callable[[dict[str, Any]], None] | None = None
+    cfg: PretrainConfig,
+    out: str | Path,
+    log: Callable[[dict[str, Any]], None] | None = None,
+    on_step: Callable[[int, torch.nn.Module], None] | None = None,
 ) -> dict[str, Any]:
-    """Train a base model per ``cfg`` and write it to ``out`` (atomically: built in a temp dir, then renamed)."""
+    """Train a base model per ``cfg`` and write it to ``out`` (atomically: built in a temp dir, then renamed).
+    ``on_step(step, model)`` runs after every optimizer step (a calibration's probe)."""
     from retain.evaluate import evaluate
 
     out = Path(out)
     started = time.perf_counter()
     seed_everything(cfg.seed)
-    tok = build_tokenizer()
-    model = make_model(cfg.preset, tok)
+    earlier: list[dict[str, Any]] = []
+    if cfg.init is None:
+        tok = build_tokenizer()
+        model = make_model(cfg.preset, tok)
+    else:
+        model, tok = load_model(cfg.init)
+        earlier = init_phases(cfg.init)
     objective = SFTObjective(mixture_sampler(tok, cfg.mixture), tok.pad_token_id, cfg.batch_size, seed=cfg.seed)
     train_cfg = TrainConfig(
-        steps=cfg.steps, lr=cfg.lr, schedule="cosine", warmup_steps=cfg.warmup_steps,
+        steps=cfg.steps, lr=cfg.lr, schedule=cfg.schedule, warmup_steps=cfg.warmup_steps,
         min_lr_ratio=cfg.min_lr_ratio, seed=cfg.seed, log_every=max(1, cfg.steps // 50), max_grad_norm=1.0,
     )
-    model = Trainer(model, objective, train_cfg, log=log).run()
+    model = Trainer(model, objective, train_cfg, log=log, on_step=on_step).run()
     train_seconds = time.perf_counter() - started
     model.eval()
     scores = evaluate(model, tok, list(cfg.mixture), n=cfg.eval_n, samples=cfg.eval_samples, seed=cfg.seed)
@@ -123,5 +161,7 @@ def pretrain(
         "torch_threads": torch.get_num_threads(),
         "torch_version": torch.__version__,
     }
+    if earlier:  # a continuation records the phases before it, so the shipped model's whole history is in one file
+        summary["earlier_phases"] = earlier
     save_model_dir(model, tok, out, extra={"eval.json": scores, "pretrain.json": summary})
     return {"eval": scores, **summary}

@@ -26,6 +26,7 @@ _BUILTIN: dict[str, str] = {
     "gpoints": "retain.tasks.gpoints:GeneralPointsTask",
     "kg": "retain.tasks.kg:KGComposeTask",
     "countdown": "retain.tasks.countdown:CountdownTask",
+    "sort": "retain.tasks.sort:SortTask",
     "cards": "retain.vision.tasks:CardRecognitionTask",
     "gpoints_vl": "retain.vision.tasks:GeneralPointsVLTask",
     "vcount": "retain.vision.tasks:CountTask",
@@ -38,7 +39,7 @@ _DATA_SUFFIXES = (".jsonl", ".json", ".parquet")
 
 GROUPS: dict[str, tuple[str, ...]] = {
     "prior": ("facts", "reverse", "arith"),
-    "sequence": ("gpoints", "kg", "countdown"),
+    "sequence": ("gpoints", "kg", "countdown", "sort"),
     "vprior": ("cards",),  # visual tasks: their examples carry a picture (Example.image); see retain.vision.tasks
     "vsequence": ("gpoints_vl", "vcount", "vcolor", "vspatial", "vdigits"),
 }
