@@ -4,6 +4,7 @@ that nothing was lost.
     python scripts/crash_trials.py --trials 24            # batch mode
     python scripts/crash_trials.py --trials 12 --mode streaming
     python scripts/crash_trials.py --trials 24 --mode both --json trials.json
+    python scripts/crash_trials.py --trials 24 --jobs 2     # two trials at a time (each process one thread)
 
 One uninterrupted reference run first (its points counted with ``RETAIN_FAULT_TRACE``); then each trial starts the
 same config in a fresh directory and strikes it with one fault (below), inspects the directory the victim left,
@@ -40,6 +41,7 @@ import subprocess
 import sys
 import time
 from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -64,6 +66,10 @@ STREAMING = {
     "method": {"name": "sft", "batch_size": 8, "train": {"lr": 3.0e-4, "log_every": 1}},
     "streaming": {"eval_every": 2},
 }
+# The suite's size (tests/test_crash_resume.py): the same shape — two stages, a checkpoint every step, a prior column,
+# the shift — with fewer steps and prompts, so each process spends its time where the faults strike, not evaluating
+SMALL = {"stages": [{"task": "arith", "steps": 2}, {"task": "countdown", "steps": 2}],
+         "eval": {"tasks": ["countdown", "arith", "reverse"], "n": 4}, "shift": {"prompts": 2, "samples": 1}}
 POINTS = ("eval", "model_dir", "state_dir", "checkpoint", "checkpoint_swap", "atomic_write", "stage_done", "results")
 COMPARED = ("tasks", "eval_tasks", "matrix", "eval_n", "metrics", "shift")
 KINDS = ("point", "random", "corrupt", "enospc", "double", "concurrent")
@@ -333,19 +339,29 @@ def run_trial(trial: Trial, config: Path, work: Path, ref: tuple, rng: random.Ra
     return trial
 
 
-def run_trials(trials: int, seed: int, work: Path, modes: list[str], kinds: tuple[str, ...] = KINDS) -> list[Trial]:
+def trial_rng(seed: int, index: int) -> random.Random:
+    """Each trial's own draws (fault points, damage): the same whichever trials run beside it (``--jobs``)."""
+    return random.Random(seed * 1_000_003 + index)
+
+
+def run_trials(trials: int, seed: int, work: Path, modes: list[str], kinds: tuple[str, ...] = KINDS,
+               jobs: int = 1, small: bool = False) -> list[Trial]:
+    """``jobs`` trials at a time (independent directories; each process runs one thread); ``small``: the suite's
+    sizes (``SMALL``)."""
     work.mkdir(parents=True, exist_ok=True)
-    rng = random.Random(seed)
     done: list[Trial] = []
     for mode in modes:
         config = work / f"{mode}.yaml"
-        config.write_text(yaml.safe_dump(BATCH if mode == "batch" else STREAMING))
+        base = BATCH if mode == "batch" else STREAMING
+        config.write_text(yaml.safe_dump({**base, **SMALL} if small else base))
         ref = reference(work, config)
         share = -(-trials // len(modes)) if mode == modes[0] else trials // len(modes)
-        for i in range(share):
-            trial = Trial(len(done), mode, kinds[i % len(kinds)])
-            done.append(run_trial(trial, config, work, ref, rng))
-            print(row(done[-1]), flush=True)
+        planned = [Trial(len(done) + i, mode, kinds[i % len(kinds)]) for i in range(share)]
+        with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
+            finished = pool.map(lambda t: run_trial(t, config, work, ref, trial_rng(seed, t.index)), planned)
+            for trial in finished:  # in trial order, as each is done
+                done.append(trial)
+                print(row(trial), flush=True)
     return done
 
 
@@ -392,10 +408,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--mode", choices=["batch", "streaming", "both"], default="batch")
     parser.add_argument("--work", type=Path, default=Path("/tmp/retain-crash-trials"))
+    parser.add_argument("--jobs", type=int, default=1, help="trials run at a time")
     parser.add_argument("--json", type=Path, default=None, help="write every trial and the summary here")
     args = parser.parse_args(argv)
     modes = ["batch", "streaming"] if args.mode == "both" else [args.mode]
-    trials = run_trials(args.trials, args.seed, args.work, modes)
+    trials = run_trials(args.trials, args.seed, args.work, modes, jobs=args.jobs)
     result = summary(trials)
     print(json.dumps(result, indent=2))
     if args.json:

@@ -3,7 +3,8 @@ the same directory, damaged checkpoints; and the pieces that make a resume lose 
 recovery, the torn-line-safe log, temp leftovers).
 
 The end-to-end trials live in ``scripts/crash_trials.py``; the suite runs ``RETAIN_CRASH_TRIALS`` of them (default
-4, one of each targeted kind) — run ``python scripts/crash_trials.py --trials 24`` for the full count.
+4, one of each targeted kind, two at a time on the script's small sizes) — run ``python scripts/crash_trials.py
+--trials 24`` for the full count at full size.
 """
 
 from __future__ import annotations
@@ -50,7 +51,7 @@ def test_killed_runs_resume_to_the_same_results(tmp_path, mode):
     n = int(os.environ.get("RETAIN_CRASH_TRIALS", "4"))
     n = n if mode == "batch" else max(1, n // 4)
     kinds = ("corrupt", "point", "enospc", "concurrent", "random", "double")
-    trials = ct.run_trials(n, seed=0, work=tmp_path, modes=[mode], kinds=kinds)
+    trials = ct.run_trials(n, seed=0, work=tmp_path, modes=[mode], kinds=kinds, jobs=2, small=True)
     summary = ct.summary(trials)
     assert summary["trials"] == n
     assert summary["results_lost"] == 0, "\n".join(ct.row(t) for t in trials)

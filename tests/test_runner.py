@@ -33,7 +33,7 @@ def experiment(model_dir: Path, method="sft", steps=4) -> dict:
 
 
 def cli(*args, cwd=None):
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     return subprocess.Popen([sys.executable, "-m", "retain.cli", *args], cwd=cwd, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
@@ -66,10 +66,10 @@ def test_run_writes_self_describing_results(micro_dir, tmp_path):
 @pytest.mark.parametrize("method", ["sft", "grpo"])
 def test_kill_and_resume_gives_the_same_results(micro_dir, tmp_path, method):
     config = tmp_path / "exp.yaml"
-    config.write_text(yaml.safe_dump(experiment(micro_dir, method, steps=6)))
+    config.write_text(yaml.safe_dump({**experiment(micro_dir, method, steps=2), "eval": {"tasks": ["auto", "facts"], "n": 6},
+                                      "shift": {"prompts": 3, "samples": 2}}))
+    # the uninterrupted run and the victim side by side (separate directories; one core each)
     straight = cli("run", str(config), "--out", str(tmp_path / "a"), "--quiet")
-    assert straight.wait(timeout=600) == 0, straight.stderr.read()
-
     out = tmp_path / "b"
     victim = cli("run", str(config), "--out", str(out), "--quiet")
     for _ in range(6000):  # up to ~5 minutes of polling
@@ -81,6 +81,7 @@ def test_kill_and_resume_gives_the_same_results(micro_dir, tmp_path, method):
     assert not (out / "results.json").exists(), "killed too late to test resuming"
     resumed = cli("run", str(config), "--out", str(out), "--quiet")
     assert resumed.wait(timeout=600) == 0, resumed.stderr.read()
+    assert straight.wait(timeout=600) == 0, straight.stderr.read()
 
     a = json.loads((tmp_path / "a" / "results.json").read_text())
     b = json.loads((out / "results.json").read_text())
