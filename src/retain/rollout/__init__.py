@@ -6,16 +6,16 @@ import torch
 from transformers import PreTrainedTokenizerBase
 
 from retain.errors import RetainError
-from retain.rollout.base import Rollout, RolloutEngine
+from retain.rollout.base import Rollout, RolloutEngine, SamplingRequest
 
 ENGINES = ("cached", "hf", "vllm")
 
 
 def make_engine(name: str, model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, batch_size: int = 256) -> RolloutEngine:
     if name == "cached":
-        from retain.rollout.hf import CachedSamplerEngine
+        from retain.rollout.hf import KVCacheSamplerEngine
 
-        return CachedSamplerEngine(model, tokenizer, batch_size)
+        return KVCacheSamplerEngine(model, tokenizer, batch_size)
     if name == "hf":
         from retain.rollout.hf import HFGenerateEngine
 
@@ -27,4 +27,4 @@ def make_engine(name: str, model: torch.nn.Module, tokenizer: PreTrainedTokenize
     raise RetainError(f"unknown rollout engine {name!r} (engines: {', '.join(ENGINES)})")
 
 
-__all__ = ["Rollout", "RolloutEngine", "make_engine", "ENGINES"]
+__all__ = ["Rollout", "RolloutEngine", "SamplingRequest", "make_engine", "ENGINES"]
