@@ -228,29 +228,29 @@ def test_damaged_stage_is_reported_and_redone(micro_dir, tmp_path, victim):
 def test_mid_stage_checkpoint_resumes_exactly(micro_dir, tmp_path):
     """checkpoint_every in a batch run: a run killed mid-stage resumes from the stage's checkpoint."""
     cfg = parse_experiment(_experiment(micro_dir, checkpoint_every=1))
-    reference = run_experiment(cfg, tmp_path / "a")
+    trace = tmp_path / "trace"  # the points the run reaches, counted (the crash harness's RETAIN_FAULT_TRACE)
+    rio.reset_fault_counts()
+    os.environ["RETAIN_FAULT_TRACE"] = str(trace)
+    try:
+        reference = run_experiment(cfg, tmp_path / "a")
+    finally:
+        del os.environ["RETAIN_FAULT_TRACE"]
     reference_log = read_jsonl(tmp_path / "a" / "steps.jsonl")
     assert not list((tmp_path / "a").rglob("checkpoint*"))  # removed once each stage is done
 
-    import retain.methods.build as build
-
-    real = build.Trainer
-
-    class Dies(real):  # the process dies after stage 2's first step and its checkpoint
-        def run(self):
-            if self.checkpoint_dir and self.checkpoint_dir.parent.name == "2":
-                self.cfg = self.cfg.model_copy(update={"steps": 1})
-                super().run()
-                raise KeyboardInterrupt
-            return super().run()
-
+    # the run dies (a full disk, the project's fault point) writing stage 2's second checkpoint: its first is in place
+    per_stage = trace.read_text().split().count("checkpoint") // len(cfg.stages)
+    assert per_stage >= 2
     out = tmp_path / "b"
-    build.Trainer = Dies
+    rio.reset_fault_counts()
+    os.environ["RETAIN_FAULT"] = f"checkpoint:{per_stage + 2}:enospc"
     try:
-        with pytest.raises(KeyboardInterrupt):
+        with pytest.raises(OSError, match="injected at checkpoint"):
             run_experiment(cfg, out)
     finally:
-        build.Trainer = real
+        del os.environ["RETAIN_FAULT"]
+        rio.reset_fault_counts()
+    remove_temp_leftovers(out)  # what the resume does first: the half-written checkpoint.tmp goes
     assert json.loads((out / "stages" / "2" / "checkpoint" / "trainer_state.json").read_text())["step"] == 1
     with open(out / "steps.jsonl", "a") as f:
         f.write('{"stage": 2, "step": 2, "lo')  # and a torn line
