@@ -426,7 +426,7 @@ def test_grpo_rollout_batch_and_completion_mask(micro_model, tokenizer):
     assert all(b.total_tokens == int(comp.sum()) for b in batches)
     # the same rollout, regenerated: prompts chosen by random.Random(seed·1_000_003 + step), sampled with that seed
     prompts = random.Random(0).sample([e.prompt for e in task.examples("train")], 2)
-    roll = make_engine("cached", micro_model, tokenizer).generate(
+    roll = make_engine("kv_cache", micro_model, tokenizer).generate(
         prompts, n=4, temperature=0.7, max_new_tokens=6, seed=0
     )
     stopped = 0
@@ -631,7 +631,7 @@ def test_sample_correct_keeps_correct_finished_distinct(micro_model, tokenizer):
     bias_token(micro_model, tokenizer.eos_token_id, 3.0)
     ctx = make_ctx(micro_model, tokenizer, task)
     kept = sample_correct(micro_model, ctx, samples_per_prompt=12, temperature=1.0, seed=5)
-    roll = make_engine("cached", micro_model, tokenizer).generate(
+    roll = make_engine("kv_cache", micro_model, tokenizer).generate(
         [e.prompt for e in task.examples("train")], n=12, temperature=1.0, max_new_tokens=3, seed=5
     )
     raw = list(zip(roll.prompts, roll.texts, roll.truncated))

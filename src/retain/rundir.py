@@ -37,6 +37,7 @@ from retain.io import (
 )
 from retain.methods.stage import MethodState
 from retain.models.adapters import merged_copy
+from retain.rollout import ENGINE_ALIASES
 from retain.version import __version__
 
 Progress = Callable[[str, dict[str, Any]], None]  # (event, data): "stage_start", "step", "eval", "stage_done", "warning"
@@ -107,6 +108,8 @@ def prepare_run_dir(cfg: ExperimentConfig, out: Path) -> int:
             held = yaml.safe_load(config_file.read_text(encoding="utf-8"))
         except (yaml.YAMLError, UnicodeDecodeError):
             raise RetainError(f"{config_file} is damaged (not YAML): restore it, or choose another --out") from None
+        if isinstance(held, dict) and held.get("engine") in ENGINE_ALIASES:  # written before the engine's rename
+            held = {**held, "engine": ENGINE_ALIASES[held["engine"]]}
         if held != yaml.safe_load(resolved):
             raise RetainError(f"{out} holds a run of a different config; choose another --out or delete it")
     else:

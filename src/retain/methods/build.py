@@ -137,7 +137,7 @@ def train_stage(
     seen_tasks: list[str] | None = None,
     state: MethodState | None = None,
     seed: int = 0,
-    engine: str = "cached",
+    engine: str = "kv_cache",
     checkpoint_dir: str | Path | None = None,
     log: Callable[[dict[str, Any]], None] | None = None,
     device: str = "auto",

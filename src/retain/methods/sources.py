@@ -25,7 +25,7 @@ from retain.methods.config import IterativeData, MethodConfig, MultiTaskData, Of
 from retain.methods.parts import StagePart
 from retain.methods.stage import StageContext
 from retain.rollout import make_engine
-from retain.scoring import sequence_logprobs
+from retain.logprobs import sequence_logprobs
 
 Pair = tuple[str, str]
 ModelLoader = Callable[[str], torch.nn.Module]

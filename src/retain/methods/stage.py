@@ -46,5 +46,5 @@ class StageContext:
     seen_tasks: list[str]  # tasks of the earlier stages, in order
     seed: int
     state: MethodState
-    engine: str = "cached"
+    engine: str = "kv_cache"
     log: Any = None

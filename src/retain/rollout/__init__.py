@@ -8,11 +8,14 @@ from transformers import PreTrainedTokenizerBase
 from retain.errors import RetainError
 from retain.rollout.base import Rollout, RolloutEngine, SamplingRequest
 
-ENGINES = ("cached", "hf", "vllm")
+ENGINES = ("kv_cache", "hf", "vllm")
+# old engine names, still accepted: "cached" named the KV-cache sampling loop, which is no cache of results
+ENGINE_ALIASES = {"cached": "kv_cache"}
 
 
 def make_engine(name: str, model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, batch_size: int = 256) -> RolloutEngine:
-    if name == "cached":
+    name = ENGINE_ALIASES.get(name, name)
+    if name == "kv_cache":
         from retain.rollout.hf import KVCacheSamplerEngine
 
         return KVCacheSamplerEngine(model, tokenizer, batch_size)
@@ -27,4 +30,4 @@ def make_engine(name: str, model: torch.nn.Module, tokenizer: PreTrainedTokenize
     raise RetainError(f"unknown rollout engine {name!r} (engines: {', '.join(ENGINES)})")
 
 
-__all__ = ["Rollout", "RolloutEngine", "SamplingRequest", "make_engine", "ENGINES"]
+__all__ = ["Rollout", "RolloutEngine", "SamplingRequest", "make_engine", "ENGINES", "ENGINE_ALIASES"]

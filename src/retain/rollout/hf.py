@@ -4,7 +4,7 @@ Both implement only the completion step of ``RolloutEngine``'s template (seeding
 decoding are the base class's).
 
 - ``HFGenerateEngine`` (engine ``hf``): plain ``model.generate`` (KV cache), the reference.
-- ``KVCacheSamplerEngine`` (default, engine ``cached``: a KV-cache sampling loop, not a result cache): the same
+- ``KVCacheSamplerEngine`` (default, engine ``kv_cache``; ``cached``, its old name, is still accepted): the same
   computation — left-padded prefill, then one token at a time through the model's KV cache — as a short loop
   without generate's per-step machinery (logits processors, stopping criteria objects, output bookkeeping), which dominates for small models. It samples from
   softmax(logits / temperature) with no top-k/top-p, which is what GRPO's log-probabilities assume; greedy is argmax.
