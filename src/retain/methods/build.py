@@ -37,6 +37,7 @@ from retain.methods.sft import SFTObjective, conflict_masking, dft_weighting, ea
 from retain.methods.sources import FixedPairs, PairSource, WithReplay, build_source, reference_pairs
 from retain.methods.teachers import TeacherKLObjective
 from retain.methods.stage import MethodState, StageContext
+from retain.rollout import EngineChoice
 from retain.train import Objective, Trainer
 
 
@@ -137,7 +138,7 @@ def train_stage(
     seen_tasks: list[str] | None = None,
     state: MethodState | None = None,
     seed: int = 0,
-    engine: str = "kv_cache",
+    engine: EngineChoice = "kv_cache",
     checkpoint_dir: str | Path | None = None,
     log: Callable[[dict[str, Any]], None] | None = None,
     device: str = "auto",

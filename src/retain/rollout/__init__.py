@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Callable, Union
+
 import torch
 from transformers import PreTrainedTokenizerBase
 
@@ -13,7 +15,15 @@ ENGINES = ("kv_cache", "hf", "vllm")
 ENGINE_ALIASES = {"cached": "kv_cache"}
 
 
-def make_engine(name: str, model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, batch_size: int = 256) -> RolloutEngine:
+# an engine named in a config, or one injected by code (a test's stand-in): made for the model it samples from
+EngineFactory = Callable[[torch.nn.Module, PreTrainedTokenizerBase], RolloutEngine]
+EngineChoice = Union[str, EngineFactory]
+
+
+def make_engine(name: EngineChoice, model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase,
+                batch_size: int = 256) -> RolloutEngine:
+    if callable(name):  # injected: the factory decides
+        return name(model, tokenizer)
     name = ENGINE_ALIASES.get(name, name)
     if name == "kv_cache":
         from retain.rollout.hf import KVCacheSamplerEngine
@@ -30,4 +40,5 @@ def make_engine(name: str, model: torch.nn.Module, tokenizer: PreTrainedTokenize
     raise RetainError(f"unknown rollout engine {name!r} (engines: {', '.join(ENGINES)})")
 
 
-__all__ = ["Rollout", "RolloutEngine", "SamplingRequest", "make_engine", "ENGINES", "ENGINE_ALIASES"]
+__all__ = ["Rollout", "RolloutEngine", "SamplingRequest", "make_engine", "ENGINES", "ENGINE_ALIASES", "EngineChoice",
+           "EngineFactory"]
