@@ -112,7 +112,7 @@ def test_temp_leftovers_are_removed(tmp_path):
 def test_fault_point_is_inert_without_the_variable_and_can_fill_the_disk(monkeypatch, tmp_path):
     monkeypatch.delenv("RETAIN_FAULT", raising=False)
     rio.atomic_write_text(tmp_path / "a.txt", "fine")
-    monkeypatch.setattr(rio, "_FAULT_HITS", {})
+    rio.reset_fault_counts()
     monkeypatch.setenv("RETAIN_FAULT", "atomic_write:2:enospc")
     rio.atomic_write_text(tmp_path / "b.txt", "first")
     with pytest.raises(OSError) as err:
@@ -120,6 +120,7 @@ def test_fault_point_is_inert_without_the_variable_and_can_fill_the_disk(monkeyp
     assert err.value.errno == errno.ENOSPC
     assert (tmp_path / "b.txt").read_text() == "first"  # the old content survives the failed write
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.txt", "b.txt"]  # and no temp file is left
+    rio.reset_fault_counts()
 
 
 def test_damaged_config_yaml_is_a_clear_error(micro_dir, tmp_path):
