@@ -21,7 +21,8 @@ maybe damages it further, resumes it with a plain ``retain run`` until it finish
   the checkpoint); a damaged file past the resume point is simply rewritten; none may survive as it was;
 - ``enospc``: ``OSError(ENOSPC)`` (a full disk) raised at a write: the victim must exit 1 with one line;
 - ``concurrent``: the victim is stopped (SIGSTOP) holding the run's lock; a second ``retain run`` on the same
-  directory must be refused (exit 2, one line); the victim is then continued (SIGCONT) and finishes.
+  directory must be refused (exit 2, one line); the victim is then continued (SIGCONT) and finishes (its directory
+  is then checked as a resumed one is; no resume is started).
 
 After every fault the directory must hold no half-written file: every JSON outside ``*.tmp`` parses, every
 directory with a manifest matches it, every ``.safetensors`` outside ``*.tmp`` opens, the log's lines parse but the
@@ -313,7 +314,10 @@ def run_trial(trial: Trial, config: Path, work: Path, ref: tuple, rng: random.Ra
         trial.victim_exit.append(code)
         if code != 0:
             trial.problems.append(f"the stopped run did not finish after SIGCONT: exit {code} {err[-300:]}")
-    code, err = finish(start(config, out))
+    if trial.kind == "concurrent" and trial.victim_exit[-1] == 0:
+        code, err = 0, ""  # the continued victim finished the run itself: nothing is left to resume
+    else:
+        code, err = finish(start(config, out))
     trial.resumed_exit = code
     if code != 0:
         trial.problems.append(f"resume failed ({code}): {err.strip().splitlines()[-1:] if err.strip() else ''}")
