@@ -262,8 +262,12 @@ def env_part(cpu: bool) -> bool:
     return record["ok"]
 
 
-def run_part(cpu: bool) -> dict:
-    """``retain run`` end to end: the CLI on a two-stage config (SFT on gpoints, GRPO on countdown), HF engine."""
+RUN_CONFIG = "gpu-check.yaml"
+
+
+def start_run_part(cpu: bool, tmp: str) -> tuple[subprocess.Popen, float, dict]:
+    """Start ``retain run`` end to end: the CLI on a two-stage config (SFT on gpoints, GRPO on countdown), HF
+    engine, in ``tmp``; ``finish_run_part`` reads its result."""
     import yaml
 
     s = sizes(cpu)
@@ -273,23 +277,27 @@ def run_part(cpu: bool) -> dict:
                          {"task": "countdown", "steps": s["run_steps"],
                           "method": {"name": "grpo", "data": {"prompts_per_step": 4, "group_size": 4}}}],
               "eval": {"tasks": ["gpoints", "countdown"], "n": s["run_n"]}, "shift": {"prompts": s["run_n"]}}
-    with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / "gpu-check.yaml"
-        path.write_text(yaml.safe_dump(config))
-        start = time.perf_counter()
-        proc = subprocess.run([sys.executable, "-m", "retain.cli", "run", str(path), "--out", f"{tmp}/run", "--quiet"],
-                              capture_output=True, text=True)
-        seconds = time.perf_counter() - start
-        results = Path(tmp) / "run" / "results.json"
-        ok = proc.returncode == 0 and results.exists()
-        record = {"check": "retain_run", "ok": ok, "seconds": round(seconds, 2), "device": config["device"],
-                  "mixed_precision": config["mixed_precision"]}
-        if ok:
-            data = json.loads(results.read_text())
-            record["matrix"] = data["matrix"]
-            record["forward_kl"] = data["shift"]["forward_kl"]
-        else:
-            record["error"] = (proc.stderr or proc.stdout)[-2000:]
+    path = Path(tmp) / RUN_CONFIG
+    path.write_text(yaml.safe_dump(config))
+    proc = subprocess.Popen([sys.executable, "-m", "retain.cli", "run", str(path), "--out", f"{tmp}/run", "--quiet"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return proc, time.perf_counter(), config
+
+
+def finish_run_part(started: tuple[subprocess.Popen, float, dict], tmp: str) -> dict:
+    proc, start, config = started
+    stdout, stderr = proc.communicate()
+    seconds = time.perf_counter() - start
+    results = Path(tmp) / "run" / "results.json"
+    ok = proc.returncode == 0 and results.exists()
+    record = {"check": "retain_run", "ok": ok, "seconds": round(seconds, 2), "device": config["device"],
+              "mixed_precision": config["mixed_precision"]}
+    if ok:
+        data = json.loads(results.read_text())
+        record["matrix"] = data["matrix"]
+        record["forward_kl"] = data["shift"]["forward_kl"]
+    else:
+        record["error"] = (stderr or stdout)[-2000:]
     return record
 
 
@@ -343,26 +351,34 @@ def main() -> None:
     failed: list[str] = []
     trl_precision = "fp32" if args.cpu else "bf16"
     # fp32 in this process (one interpreter start less: the CPU smoke test stays short), bf16 in its own process
-    # (accelerate fixes the mixed precision once per process)
-    try:
-        precision_part("fp32", args.cpu, trl=trl_precision == "fp32")
-    except Exception as err:  # reported as a failed check; the other checks still run
-        failed.append(f"fp32 part: {type(err).__name__}: {err}")
-        emit({"check": "fp32_part", "ok": False, "error": f"{type(err).__name__}: {err}"})
+    # (accelerate fixes the mixed precision once per process). On --cpu the bf16 part and ``retain run`` start first
+    # and run beside the fp32 part (one thread each: the smoke test's time is the longest part's); on a GPU one after
+    # the other, so no part's timings share the device
     cmd = [sys.executable, str(Path(__file__).resolve()), "--part", "bf16"] + (["--cpu"] if args.cpu else [])
-    proc = subprocess.run(cmd + (["--trl"] if trl_precision == "bf16" else []), capture_output=True, text=True)
-    for line in proc.stdout.splitlines():
-        if line.startswith('{"check"'):
-            emit(json.loads(line))
-    if proc.returncode != 0:
-        failed.append(f"bf16 part (exit {proc.returncode}): {proc.stderr.strip().splitlines()[-1:]}")
-        emit({"check": "bf16_part", "ok": False, "error": proc.stderr[-2000:]})
-    lines = list(EMITTED)
-    for record in summarize(lines, args.cpu):
-        emit(record)
-        if not record["ok"]:
-            failed.append(f"{record['check']} {record['model']}")
-    record = run_part(args.cpu)
+    cmd += ["--trl"] if trl_precision == "bf16" else []
+    start_bf16 = lambda: subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # noqa: E731
+    with tempfile.TemporaryDirectory() as tmp:
+        bf16 = start_bf16() if args.cpu else None
+        run = start_run_part(args.cpu, tmp) if args.cpu else None
+        try:
+            precision_part("fp32", args.cpu, trl=trl_precision == "fp32")
+        except Exception as err:  # reported as a failed check; the other checks still run
+            failed.append(f"fp32 part: {type(err).__name__}: {err}")
+            emit({"check": "fp32_part", "ok": False, "error": f"{type(err).__name__}: {err}"})
+        bf16 = bf16 or start_bf16()
+        stdout, stderr = bf16.communicate()
+        for line in stdout.splitlines():
+            if line.startswith('{"check"'):
+                emit(json.loads(line))
+        if bf16.returncode != 0:
+            failed.append(f"bf16 part (exit {bf16.returncode}): {stderr.strip().splitlines()[-1:]}")
+            emit({"check": "bf16_part", "ok": False, "error": stderr[-2000:]})
+        lines = list(EMITTED)
+        for record in summarize(lines, args.cpu):
+            emit(record)
+            if not record["ok"]:
+                failed.append(f"{record['check']} {record['model']}")
+        record = finish_run_part(run or start_run_part(args.cpu, tmp), tmp)
     emit(record)
     if not record["ok"]:
         failed.append("retain_run")

@@ -1,4 +1,4 @@
-"""Rollout tokens per second: retain's default engine (CachedSamplerEngine) vs plain ``model.generate``
+"""Rollout tokens per second: retain's default engine (KVCacheSamplerEngine) vs plain ``model.generate``
 (HFGenerateEngine), on the embedded base model.
 
 Prompt mix: the test prompts of the sequence tasks (gpoints, kg, countdown; ``per_task`` of each), n = 8 samples per

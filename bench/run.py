@@ -104,7 +104,7 @@ def measure(part: str, quick: bool) -> dict:
     if part == "rollout.retain":
         import rollout
 
-        return rollout.rollout_rate("cached", *sizes["rollout"])
+        return rollout.rollout_rate("kv_cache", *sizes["rollout"])
     if part == "rollout.reference":
         import rollout
 

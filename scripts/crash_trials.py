@@ -4,6 +4,7 @@ that nothing was lost.
     python scripts/crash_trials.py --trials 24            # batch mode
     python scripts/crash_trials.py --trials 12 --mode streaming
     python scripts/crash_trials.py --trials 24 --mode both --json trials.json
+    python scripts/crash_trials.py --trials 24 --jobs 2     # two trials at a time (each process one thread)
 
 One uninterrupted reference run first (its points counted with ``RETAIN_FAULT_TRACE``); then each trial starts the
 same config in a fresh directory and strikes it with one fault (below), inspects the directory the victim left,
@@ -20,7 +21,8 @@ maybe damages it further, resumes it with a plain ``retain run`` until it finish
   the checkpoint); a damaged file past the resume point is simply rewritten; none may survive as it was;
 - ``enospc``: ``OSError(ENOSPC)`` (a full disk) raised at a write: the victim must exit 1 with one line;
 - ``concurrent``: the victim is stopped (SIGSTOP) holding the run's lock; a second ``retain run`` on the same
-  directory must be refused (exit 2, one line); the victim is then continued (SIGCONT) and finishes.
+  directory must be refused (exit 2, one line); the victim is then continued (SIGCONT) and finishes (its directory
+  is then checked as a resumed one is; no resume is started).
 
 After every fault the directory must hold no half-written file: every JSON outside ``*.tmp`` parses, every
 directory with a manifest matches it, every ``.safetensors`` outside ``*.tmp`` opens, the log's lines parse but the
@@ -40,6 +42,7 @@ import subprocess
 import sys
 import time
 from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -64,6 +67,10 @@ STREAMING = {
     "method": {"name": "sft", "batch_size": 8, "train": {"lr": 3.0e-4, "log_every": 1}},
     "streaming": {"eval_every": 2},
 }
+# The suite's size (tests/test_crash_resume.py): the same shape — two stages, a checkpoint every step, a prior column,
+# the shift — with fewer steps and prompts, so each process spends its time where the faults strike, not evaluating
+SMALL = {"stages": [{"task": "arith", "steps": 2}, {"task": "countdown", "steps": 2}],
+         "eval": {"tasks": ["countdown", "arith", "reverse"], "n": 4}, "shift": {"prompts": 2, "samples": 1}}
 POINTS = ("eval", "model_dir", "state_dir", "checkpoint", "checkpoint_swap", "atomic_write", "stage_done", "results")
 COMPARED = ("tasks", "eval_tasks", "matrix", "eval_n", "metrics", "shift")
 KINDS = ("point", "random", "corrupt", "enospc", "double", "concurrent")
@@ -307,7 +314,10 @@ def run_trial(trial: Trial, config: Path, work: Path, ref: tuple, rng: random.Ra
         trial.victim_exit.append(code)
         if code != 0:
             trial.problems.append(f"the stopped run did not finish after SIGCONT: exit {code} {err[-300:]}")
-    code, err = finish(start(config, out))
+    if trial.kind == "concurrent" and trial.victim_exit[-1] == 0:
+        code, err = 0, ""  # the continued victim finished the run itself: nothing is left to resume
+    else:
+        code, err = finish(start(config, out))
     trial.resumed_exit = code
     if code != 0:
         trial.problems.append(f"resume failed ({code}): {err.strip().splitlines()[-1:] if err.strip() else ''}")
@@ -333,19 +343,29 @@ def run_trial(trial: Trial, config: Path, work: Path, ref: tuple, rng: random.Ra
     return trial
 
 
-def run_trials(trials: int, seed: int, work: Path, modes: list[str], kinds: tuple[str, ...] = KINDS) -> list[Trial]:
+def trial_rng(seed: int, index: int) -> random.Random:
+    """Each trial's own draws (fault points, damage): the same whichever trials run beside it (``--jobs``)."""
+    return random.Random(seed * 1_000_003 + index)
+
+
+def run_trials(trials: int, seed: int, work: Path, modes: list[str], kinds: tuple[str, ...] = KINDS,
+               jobs: int = 1, small: bool = False) -> list[Trial]:
+    """``jobs`` trials at a time (independent directories; each process runs one thread); ``small``: the suite's
+    sizes (``SMALL``)."""
     work.mkdir(parents=True, exist_ok=True)
-    rng = random.Random(seed)
     done: list[Trial] = []
     for mode in modes:
         config = work / f"{mode}.yaml"
-        config.write_text(yaml.safe_dump(BATCH if mode == "batch" else STREAMING))
+        base = BATCH if mode == "batch" else STREAMING
+        config.write_text(yaml.safe_dump({**base, **SMALL} if small else base))
         ref = reference(work, config)
         share = -(-trials // len(modes)) if mode == modes[0] else trials // len(modes)
-        for i in range(share):
-            trial = Trial(len(done), mode, kinds[i % len(kinds)])
-            done.append(run_trial(trial, config, work, ref, rng))
-            print(row(done[-1]), flush=True)
+        planned = [Trial(len(done) + i, mode, kinds[i % len(kinds)]) for i in range(share)]
+        with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
+            finished = pool.map(lambda t: run_trial(t, config, work, ref, trial_rng(seed, t.index)), planned)
+            for trial in finished:  # in trial order, as each is done
+                done.append(trial)
+                print(row(trial), flush=True)
     return done
 
 
@@ -392,10 +412,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--mode", choices=["batch", "streaming", "both"], default="batch")
     parser.add_argument("--work", type=Path, default=Path("/tmp/retain-crash-trials"))
+    parser.add_argument("--jobs", type=int, default=1, help="trials run at a time")
     parser.add_argument("--json", type=Path, default=None, help="write every trial and the summary here")
     args = parser.parse_args(argv)
     modes = ["batch", "streaming"] if args.mode == "both" else [args.mode]
-    trials = run_trials(args.trials, args.seed, args.work, modes)
+    trials = run_trials(args.trials, args.seed, args.work, modes, jobs=args.jobs)
     result = summary(trials)
     print(json.dumps(result, indent=2))
     if args.json:

@@ -29,12 +29,12 @@ RUN = {
 }
 
 
-def train(method: dict, task: str, log=None) -> torch.nn.Module:
+def train(method: dict, task: str, log=None, engine="kv_cache") -> torch.nn.Module:
     from retain.methods.build import train_stage
     from retain.models.loading import load_model
 
     model, tokenizer = load_model("base")
-    return train_stage(model, tokenizer, task, method, seed=0, log=log)
+    return train_stage(model, tokenizer, task, method, seed=0, log=log, engine=engine)
 
 
 def capture_gradients() -> tuple[list[torch.Tensor], object]:

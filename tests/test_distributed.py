@@ -99,24 +99,33 @@ def test_sft_two_processes_match_one(two_processes):
     assert _max_diff(w0, ddp_worker.weights(load_model("base")[0])) > 40 * WEIGHT_TOL  # the weights did move
 
 
-def test_grpo_two_processes_match_one_on_the_same_rollouts(two_processes, monkeypatch):
-    from retain.methods import grpo
+class ReplayEngine:
+    """An injected rollout engine that hands out recorded rollouts, in order (it samples nothing)."""
 
+    def __init__(self, queue: list[Rollout]) -> None:
+        self.queue = queue
+
+    def sync_weights(self, model) -> None:
+        pass
+
+    def generate(self, prompts, n=1, temperature=1.0, max_new_tokens=32, greedy=False, seed=None) -> Rollout:
+        roll = self.queue.pop(0)
+        assert list(dict.fromkeys(roll.prompts)) == list(prompts)  # the same prompts, in the same order
+        assert len(roll) == n * len(prompts)
+        return roll
+
+
+def test_grpo_two_processes_match_one_on_the_same_rollouts(two_processes):
     out, ranks, _ = two_processes
     recorded = ranks[0]["rollouts"]
     assert recorded == ranks[1]["rollouts"]  # every rank trains on the same gathered rollout batch
     assert len(recorded) == 2 and all(len(r["texts"]) == 4 * 4 for r in recorded)
     queue = [Rollout(**r) for r in recorded]
+    replay = ReplayEngine(queue)
 
-    def replay(self, prompts, seed):
-        roll = queue.pop(0)
-        assert list(dict.fromkeys(roll.prompts)) == list(prompts)  # the same prompts, in the same order
-        return roll
-
-    monkeypatch.setattr(grpo.GRPOObjective, "_generate", replay)
     logs: list[dict] = []
     grads, hook = ddp_worker.capture_gradients()
-    model = ddp_worker.train(ddp_worker.GRPO, ddp_worker.GRPO_TASK, logs.append)
+    model = ddp_worker.train(ddp_worker.GRPO, ddp_worker.GRPO_TASK, logs.append, engine=lambda model, tok: replay)
     hook.remove()
     assert not queue
     assert ranks[0]["grpo_losses"] == pytest.approx([r["loss"] for r in logs if "loss" in r], abs=TOL)

@@ -157,7 +157,7 @@ def test_generation_same_tokens(micro_model, tokenizer, greedy):
     outs = []
     for switch in (unfuse, fuse):
         switch(micro_model)
-        engine = make_engine("cached", micro_model, tokenizer)
+        engine = make_engine("kv_cache", micro_model, tokenizer)
         outs.append(engine.generate(PROMPTS, n=2, temperature=1.0, max_new_tokens=12, greedy=greedy, seed=3))
     assert outs[0].completion_ids == outs[1].completion_ids
     assert is_fused(micro_model)

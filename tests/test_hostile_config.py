@@ -25,7 +25,7 @@ VALID = {
     "method": {"name": "sft", "batch_size": 8, "train": {"lr": 1e-3, "steps": 2}},
     "stages": [{"task": "arith", "steps": 1}, {"task": "countdown", "steps": 1}],
     "eval": {"tasks": ["auto"], "n": 4, "samples": 0}, "shift": {"prompts": 2, "samples": 1},
-    "streaming": {"eval_every": 2}, "engine": "cached", "trust_remote_code": False,
+    "streaming": {"eval_every": 2}, "engine": "kv_cache", "trust_remote_code": False,
 }
 
 scalars = st.one_of(

@@ -426,7 +426,7 @@ def test_grpo_rollout_batch_and_completion_mask(micro_model, tokenizer):
     assert all(b.total_tokens == int(comp.sum()) for b in batches)
     # the same rollout, regenerated: prompts chosen by random.Random(seed·1_000_003 + step), sampled with that seed
     prompts = random.Random(0).sample([e.prompt for e in task.examples("train")], 2)
-    roll = make_engine("cached", micro_model, tokenizer).generate(
+    roll = make_engine("kv_cache", micro_model, tokenizer).generate(
         prompts, n=4, temperature=0.7, max_new_tokens=6, seed=0
     )
     stopped = 0
@@ -631,7 +631,7 @@ def test_sample_correct_keeps_correct_finished_distinct(micro_model, tokenizer):
     bias_token(micro_model, tokenizer.eos_token_id, 3.0)
     ctx = make_ctx(micro_model, tokenizer, task)
     kept = sample_correct(micro_model, ctx, samples_per_prompt=12, temperature=1.0, seed=5)
-    roll = make_engine("cached", micro_model, tokenizer).generate(
+    roll = make_engine("kv_cache", micro_model, tokenizer).generate(
         [e.prompt for e in task.examples("train")], n=12, temperature=1.0, max_new_tokens=3, seed=5
     )
     raw = list(zip(roll.prompts, roll.texts, roll.truncated))
@@ -851,3 +851,35 @@ def test_grpo_checkpoint_inside_a_rollout_batch_is_rejected():
     batch and its old log-probs are not saved. The config refuses it, naming both fields."""
     with pytest.raises(RetainError, match="checkpoint_every.*updates_per_batch"):
         method_config(method("grpo", train={"steps": 2, "checkpoint_every": 1}, data={"updates_per_batch": 2}))
+
+
+# --- parts own their lifecycle (retain.methods.parts) -------------------------------------------------------------
+
+
+def test_build_stage_lists_the_parts_with_an_end_of_stage_and_each_acts(micro_model, tokenizer, registry):
+    from retain.methods.build import build_stage
+    from retain.methods.parts import StagePart
+
+    registry["stub"] = StubTask("stub", n=5)
+    cfg = method_config({"name": "replay", "batch_size": 4, "regularizers": [{"kind": "ewc", "fisher_samples": 2}],
+                         "replay": {"size": 3}})
+    state = MethodState()
+    ctx = make_ctx(micro_model, tokenizer, registry["stub"], state=state)
+    stage = build_stage(cfg, ctx)
+    [ewc, replay] = stage.parts  # regularisers first, then the data source
+    assert isinstance(ewc, EWC) and isinstance(replay, WithReplay) and all(isinstance(p, StagePart) for p in stage.parts)
+    assert stage.end_stage(micro_model, ctx) is micro_model
+    assert set(state.fisher) == {n for n, _ in micro_model.named_parameters()}  # EWC's Fisher, from its own part
+    assert len(state.replay["stub"]) == 3  # replay's buffer, from its own part
+    assert build_stage(method_config("sft"), ctx).parts == []  # nothing to do at the stage's end
+
+
+def test_parts_say_what_a_stream_cannot_run():
+    from retain.methods.build import streaming_refusals
+
+    cfg = method_config({"name": "replay", "regularizers": [{"kind": "l2sp"}, {"kind": "ewc"}]})
+    assert streaming_refusals(cfg, "method") == [
+        "method.replay needs task boundaries", "method.regularizers[1] (ewc) needs task boundaries"]
+    assert streaming_refusals(method_config("lora"), "stages[2].method") == [
+        "stages[2].method.adapter.per_stage: a per-stage adapter needs task boundaries"]
+    assert streaming_refusals(method_config({"name": "kl_sft"}), "method") == []

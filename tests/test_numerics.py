@@ -120,8 +120,8 @@ def test_empty_completions(micro_model, tokenizer):
         return Rollout(roll.prompts, roll.prompt_ids, [[] for _ in roll.texts], [""] * len(roll), roll.group,
                        [False] * len(roll))
 
+    objective = grpo(micro_model, tokenizer, Rewarding([1.0, 0.0]))  # a fresh objective: no rollout kept from above
     objective.engine.generate = all_empty
-    objective._cached = None
     trainer, logs = one_step(objective, micro_model)
     assert trainer.skipped == 0 and [r for r in logs if r.get("step") == 1][0]["completion_len"] == 0.0
 

@@ -29,7 +29,7 @@ def test_flips_count_transitions_item_by_item() -> None:
 
 def test_answer_nll_is_the_teacher_forced_answer_loss(micro_model, tokenizer) -> None:
     from retain import tasks as task_registry
-    from retain.scoring import answer_logprobs
+    from retain.logprobs import answer_logprobs
 
     got = answer_nll(micro_model, tokenizer, "arith", n=7, seed=3)
     examples = task_registry.get("arith").examples("test", 7, seed=3)
@@ -136,7 +136,7 @@ def test_binary_reward_scores_correct_one_and_everything_else_zero(micro_model, 
     task = task_registry.get("gpoints")
     ex = task.examples("train", 1, seed=0)[0]
     ctx = StageContext(model=micro_model, reference=micro_model, tokenizer=tokenizer, task_name="gpoints", task=task,
-                       stage_index=0, seen_tasks=[], seed=0, state=MethodState(), engine="cached", log=None)
+                       stage_index=0, seen_tasks=[], seed=0, state=MethodState(), engine="kv_cache", log=None)
     values = ex.meta.get("values") or ()
     wrong_value = "+".join(str(v) for v in values) if values else "1+1"
     shaped = GRPOObjective(method_config({"name": "grpo", "data": {"reward": "task"}}), ctx)

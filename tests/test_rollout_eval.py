@@ -8,9 +8,9 @@ from retain.errors import RetainError
 PROMPTS = ["reverse abc", "3+4=", "reverse lemon", "city of ava?"]
 
 
-def test_cached_sampler_matches_hf_generate_greedy(micro_model, tokenizer):
+def test_kv_cache_sampler_matches_hf_generate_greedy(micro_model, tokenizer):
     hf = make_engine("hf", micro_model, tokenizer).generate(PROMPTS, greedy=True, max_new_tokens=12)
-    ours = make_engine("cached", micro_model, tokenizer).generate(PROMPTS, greedy=True, max_new_tokens=12)
+    ours = make_engine("kv_cache", micro_model, tokenizer).generate(PROMPTS, greedy=True, max_new_tokens=12)
     assert ours.completion_ids == hf.completion_ids
     assert ours.texts == hf.texts
 
@@ -20,10 +20,10 @@ MIXED = ["a", "reverse a much longer prompt here", "3+4=", "city of ava?", "reve
 
 
 @pytest.mark.parametrize("batch_size", [256, 3, 1])
-def test_cached_sampler_greedy_matches_hf_on_mixed_lengths(micro_model, tokenizer, batch_size):
+def test_kv_cache_sampler_greedy_matches_hf_on_mixed_lengths(micro_model, tokenizer, batch_size):
     # batch_size below the request: batches are cut from length-sorted rows, results come back in request order
     hf = make_engine("hf", micro_model, tokenizer).generate(MIXED, n=2, greedy=True, max_new_tokens=10)
-    ours = make_engine("cached", micro_model, tokenizer, batch_size=batch_size)
+    ours = make_engine("kv_cache", micro_model, tokenizer, batch_size=batch_size)
     out = ours.generate(MIXED, n=2, greedy=True, max_new_tokens=10)
     assert out.completion_ids == hf.completion_ids
     assert out.texts == hf.texts and out.truncated == hf.truncated
@@ -41,7 +41,7 @@ def _eos_biased(model, tokenizer, bias: float, gain: float = 1.0) -> None:
     model.lm_head = head
 
 
-def test_cached_sampler_early_finishing_rows_match_hf_greedy(micro_model, tokenizer):
+def test_kv_cache_sampler_early_finishing_rows_match_hf_greedy(micro_model, tokenizer):
     # greedy completions ending anywhere from step 3 to never (16 tokens): rows leave the batch as they finish.
     # Sharpened logits (gain 20) keep every greedy choice here > 5e-3 away from a tie, far above float noise.
     _eos_biased(micro_model, tokenizer, 5.6, gain=20.0)
@@ -50,15 +50,15 @@ def test_cached_sampler_early_finishing_rows_match_hf_greedy(micro_model, tokeni
     lengths = {len(c) for c in hf.completion_ids}
     assert len(lengths) >= 8, lengths  # the test needs rows that finish at different steps
     for batch_size in (256, 5):
-        out = make_engine("cached", micro_model, tokenizer, batch_size=batch_size).generate(
+        out = make_engine("kv_cache", micro_model, tokenizer, batch_size=batch_size).generate(
             prompts, greedy=True, max_new_tokens=16
         )
         assert out.completion_ids == hf.completion_ids and out.truncated == hf.truncated
 
 
-def test_cached_sampling_reproducible_and_stops_at_eos(micro_model, tokenizer):
+def test_kv_cache_sampling_reproducible_and_stops_at_eos(micro_model, tokenizer):
     _eos_biased(micro_model, tokenizer, 3.0)  # eos likely: samples of one prompt end at different steps
-    engine = make_engine("cached", micro_model, tokenizer, batch_size=16)  # 3 batches, cut inside prompt groups
+    engine = make_engine("kv_cache", micro_model, tokenizer, batch_size=16)  # 3 batches, cut inside prompt groups
     a = engine.generate(MIXED, n=5, temperature=1.0, max_new_tokens=12, seed=3)
     b = engine.generate(MIXED, n=5, temperature=1.0, max_new_tokens=12, seed=3)
     c = engine.generate(MIXED, n=5, temperature=1.0, max_new_tokens=12, seed=4)
@@ -72,7 +72,7 @@ def test_cached_sampling_reproducible_and_stops_at_eos(micro_model, tokenizer):
     assert a.group == [i for i in range(len(MIXED)) for _ in range(5)]
 
 
-def test_cached_sampling_follows_the_tempered_distribution(tokenizer):
+def test_kv_cache_sampling_follows_the_tempered_distribution(tokenizer):
     """One sampled token per row from a model whose next-token distribution is known: the empirical frequencies
     match softmax(logits / T) (T = 0.5 here), which is what GRPO's log-probabilities assume."""
     from transformers import Qwen2Config, Qwen2ForCausalLM
@@ -88,7 +88,7 @@ def test_cached_sampling_follows_the_tempered_distribution(tokenizer):
         model.lm_head.weight.zero_()
         model.lm_head.bias = torch.nn.Parameter(torch.full((len(tokenizer),), -1e4))
         model.lm_head.bias[[5, 6, 7]] = torch.tensor([0.0, 0.5, 1.0])
-    out = make_engine("cached", model, tokenizer).generate(["p"], n=4000, temperature=0.5, max_new_tokens=1, seed=0)
+    out = make_engine("kv_cache", model, tokenizer).generate(["p"], n=4000, temperature=0.5, max_new_tokens=1, seed=0)
     first = torch.tensor([c[0] for c in out.completion_ids])
     freq = torch.stack([(first == t).float().mean() for t in (5, 6, 7)])
     expected = torch.softmax(torch.tensor([0.0, 0.5, 1.0]) / 0.5, dim=0)
@@ -96,7 +96,7 @@ def test_cached_sampling_follows_the_tempered_distribution(tokenizer):
 
 
 def test_sampling_is_seeded_and_grouped(micro_model, tokenizer):
-    engine = make_engine("cached", micro_model, tokenizer, batch_size=3)  # batches cross prompt boundaries
+    engine = make_engine("kv_cache", micro_model, tokenizer, batch_size=3)  # batches cross prompt boundaries
     a = engine.generate(PROMPTS, n=4, temperature=1.0, max_new_tokens=8, seed=7)
     b = engine.generate(PROMPTS, n=4, temperature=1.0, max_new_tokens=8, seed=7)
     c = engine.generate(PROMPTS, n=4, temperature=1.0, max_new_tokens=8, seed=8)
@@ -111,7 +111,7 @@ def test_completions_stop_at_eos(micro_model, tokenizer):
         micro_model.lm_head.weight.zero_()
         micro_model.lm_head.weight[tokenizer.eos_token_id] = 0  # tied: edits embeddings too, fine for this test
         micro_model.model.norm.weight.zero_()
-    out = make_engine("cached", micro_model, tokenizer).generate(PROMPTS[:2], greedy=True, max_new_tokens=5)
+    out = make_engine("kv_cache", micro_model, tokenizer).generate(PROMPTS[:2], greedy=True, max_new_tokens=5)
     # all logits equal → argmax is token 0 (pad); check the truncation flags and cut logic instead
     assert all(len(c) == 5 for c in out.completion_ids) and all(out.truncated)
 
@@ -127,3 +127,26 @@ def test_unknown_engine():
 )
 def test_pass_at_k_by_hand(n, c, k, expected):
     assert pass_at_k(n, c, k) == pytest.approx(expected)
+
+
+def test_old_engine_name_cached_is_still_the_kv_cache_loop(micro_model, tokenizer, tmp_path):
+    """``cached`` (the KV-cache loop's old name) is accepted: by make_engine, by a config (read as kv_cache), and by a
+    run directory whose config.yaml was written under the old name (it resumes instead of being refused)."""
+    import yaml
+
+    from retain.config import parse_experiment
+    from retain.rollout.hf import KVCacheSamplerEngine
+    from retain.rundir import prepare_run_dir
+
+    assert type(make_engine("cached", micro_model, tokenizer)) is KVCacheSamplerEngine
+    old = {"name": "old", "model": "base", "stages": [{"task": "arith", "steps": 1}], "engine": "cached"}
+    cfg = parse_experiment(old)
+    assert cfg.engine == "kv_cache" and cfg == parse_experiment({**old, "engine": "kv_cache"})
+    written = {**cfg.model_dump(mode="json"), "engine": "cached"}  # what a run before the rename wrote
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(written, sort_keys=True))
+    assert prepare_run_dir(cfg, tmp_path) == 0
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump({**written, "engine": "hf"}, sort_keys=True))
+    with pytest.raises(RetainError, match="different config"):
+        prepare_run_dir(cfg, tmp_path)
+    with pytest.raises(RetainError, match="unknown rollout engine 'nope'"):
+        make_engine("nope", micro_model, tokenizer)

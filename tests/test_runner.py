@@ -11,10 +11,11 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from retain import metrics as M
-from retain.config import parse_experiment
+from retain.config import load_experiment, parse_experiment
 from retain.runner import run_experiment
 
 RESULT_KEYS = {"config", "seeds", "versions", "tasks", "eval_tasks", "matrix", "metrics", "shift"}
@@ -33,7 +34,7 @@ def experiment(model_dir: Path, method="sft", steps=4) -> dict:
 
 
 def cli(*args, cwd=None):
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     return subprocess.Popen([sys.executable, "-m", "retain.cli", *args], cwd=cwd, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
@@ -66,10 +67,8 @@ def test_run_writes_self_describing_results(micro_dir, tmp_path):
 @pytest.mark.parametrize("method", ["sft", "grpo"])
 def test_kill_and_resume_gives_the_same_results(micro_dir, tmp_path, method):
     config = tmp_path / "exp.yaml"
-    config.write_text(yaml.safe_dump(experiment(micro_dir, method, steps=6)))
-    straight = cli("run", str(config), "--out", str(tmp_path / "a"), "--quiet")
-    assert straight.wait(timeout=600) == 0, straight.stderr.read()
-
+    config.write_text(yaml.safe_dump({**experiment(micro_dir, method, steps=2), "eval": {"tasks": ["auto", "facts"], "n": 6},
+                                      "shift": {"prompts": 3, "samples": 2}}))
     out = tmp_path / "b"
     victim = cli("run", str(config), "--out", str(out), "--quiet")
     for _ in range(6000):  # up to ~5 minutes of polling
@@ -80,6 +79,14 @@ def test_kill_and_resume_gives_the_same_results(micro_dir, tmp_path, method):
     victim.wait()
     assert not (out / "results.json").exists(), "killed too late to test resuming"
     resumed = cli("run", str(config), "--out", str(out), "--quiet")
+    # the uninterrupted run in this process meanwhile, on one thread like the CLI processes (cli sets
+    # OMP_NUM_THREADS=1): the same arithmetic, one interpreter start less
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        run_experiment(load_experiment(config), tmp_path / "a")
+    finally:
+        torch.set_num_threads(threads)
     assert resumed.wait(timeout=600) == 0, resumed.stderr.read()
 
     a = json.loads((tmp_path / "a" / "results.json").read_text())

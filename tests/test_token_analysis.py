@@ -2,7 +2,7 @@
 
 import numpy as np
 from retain.analysis.tokens import token_stats
-from retain.scoring import answer_logprobs
+from retain.logprobs import answer_logprobs
 
 PAIRS = [("reverse abc", "cba"), ("3+4=", "7"), ("city of ava?", "rome")]
 
@@ -13,7 +13,7 @@ def test_one_entry_per_answer_token_with_positions(micro_model, tokenizer):
     assert stats.example.tolist() == [0] * 4 + [1] * 2 + [2] * 5
     assert stats.position.tolist() == [0, 1, 2, 3, 0, 1, 0, 1, 2, 3, 4]
     assert stats.token[-1] == tokenizer.eos_token_id
-    # p(target) agrees with the scoring module's log-probabilities
+    # p(target) agrees with retain.logprobs' log-probabilities
     logp = np.concatenate([np.array(r) for r in answer_logprobs(micro_model, tokenizer, PAIRS)])
     assert np.allclose(np.log(stats.prob), logp, atol=1e-5)
     assert (stats.entropy >= 0).all() and (stats.entropy <= np.log(len(tokenizer)) + 1e-4).all()

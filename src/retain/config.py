@@ -14,7 +14,7 @@ eval:
                             # or names: 'kg', 'kg@ood', 'prior', 'sequence'
   n: 128                    # prompts per task
 shift: {prompts: 64, samples: 1}
-engine: cached              # rollout engine: cached (default) | hf | vllm (GPU, pip install 'retain[vllm]')
+engine: kv_cache            # rollout engine: kv_cache (default; old name cached) | hf | vllm (GPU, retain[vllm])
 dtype: fp32                 # weights as loaded: fp32 | bf16 | fp16 | auto (the checkpoint's own dtype)
 mixed_precision: "no"       # no | bf16 | fp16: autocast forward over fp32 weights (accelerate's mixed precision)
 gradient_checkpointing: false   # recompute activations in the backward (large models, long sequences)
@@ -34,6 +34,7 @@ from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError,
 from retain import tasks as task_registry
 from retain.errors import RetainError
 from retain.methods.config import MethodConfig, method_config, user_path
+from retain.rollout import ENGINE_ALIASES
 from retain.yaml_input import field_error, read_yaml
 
 
@@ -193,7 +194,7 @@ class ExperimentConfig(_Strict):
     eval: EvalConfig = Field(default_factory=EvalConfig)
     shift: ShiftConfig = Field(default_factory=ShiftConfig)
     streaming: StreamingConfig = Field(default_factory=StreamingConfig)
-    engine: Literal["cached", "hf", "vllm"] = "cached"
+    engine: Literal["kv_cache", "hf", "vllm"] = "kv_cache"
     trust_remote_code: bool = False
     dtype: Literal["fp32", "bf16", "fp16", "auto"] = Field(
         "fp32", description="dtype of the weights as loaded (bf16 halves memory; small updates round away)"
@@ -207,6 +208,11 @@ class ExperimentConfig(_Strict):
     report_to: list[Literal["tensorboard", "mlflow", "trackio", "wandb"]] = Field(
         default_factory=list, exclude=True, description="trackers (retain.tracking)")
     _methods: list[MethodConfig] = PrivateAttr(default_factory=list)  # each stage's, resolved once
+
+    @field_validator("engine", mode="before")
+    @classmethod
+    def _engine_alias(cls, v: Any) -> Any:
+        return ENGINE_ALIASES.get(v, v) if isinstance(v, str) else v
 
     @field_validator("datasets")
     @classmethod

@@ -87,7 +87,7 @@ def answer_nll(
     seed: int = 0,
 ) -> dict[str, Any]:
     """``{"nll", "nll_per_token", "n"}``: teacher-forced NLL of each item's reference answer (eos included)."""
-    from retain.scoring import answer_logprobs
+    from retain.logprobs import answer_logprobs
 
     examples = task_registry.get(task_name).examples(split, n, seed=seed)
     per_item = answer_logprobs(model, tokenizer, [(e.prompt, e.answer) for e in examples])
@@ -113,7 +113,7 @@ def evaluate(
     samples: int = 0,
     split: str = "test",
     seed: int = 0,
-    engine: str = "cached",
+    engine: str = "kv_cache",
     batch_size: int = 256,
 ) -> dict[str, dict[str, Any]]:
     """Evaluate every task (names or groups); returns ``{task: {"accuracy", "n", ["pass_at_k", "k"]}}``."""

@@ -189,6 +189,12 @@ def fault_point(name: str) -> None:
             os.kill(os.getpid(), signal.SIGSTOP if action == "stop" else signal.SIGKILL)
 
 
+def reset_fault_counts() -> None:
+    """Forget how often each fault point was reached: an in-process test then counts ``RETAIN_FAULT``'s N from its
+    own run (a process that dies at a point starts from zero anyway)."""
+    _FAULT_HITS.clear()
+
+
 def _jsonable(obj: Any) -> Any:
     if hasattr(obj, "item"):
         return obj.item()

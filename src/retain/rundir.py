@@ -37,6 +37,7 @@ from retain.io import (
 )
 from retain.methods.stage import MethodState
 from retain.models.adapters import merged_copy
+from retain.rollout import ENGINE_ALIASES
 from retain.stored_config import config_difference
 from retain.version import __version__
 
@@ -108,6 +109,8 @@ def prepare_run_dir(cfg: ExperimentConfig, out: Path) -> int:
             held = yaml.safe_load(config_file.read_text(encoding="utf-8"))
         except (yaml.YAMLError, UnicodeDecodeError):
             raise RetainError(f"{config_file} is damaged (not YAML): restore it, or choose another --out") from None
+        if isinstance(held, dict) and held.get("engine") in ENGINE_ALIASES:  # written before the engine's rename
+            held = {**held, "engine": ENGINE_ALIASES[held["engine"]]}
         difference = config_difference(cfg, held)  # fields added since it was written read as their defaults
         if difference:
             raise RetainError(f"{out} holds a run of a different config ({difference}); choose another --out or "

@@ -9,8 +9,8 @@ maps the global step to (stage, local step) and tags each micro-batch with the s
 evaluated at step 0, every ``streaming.eval_every`` steps and at every stage boundary; boundary rows form the
 accuracy matrix, so every batch-mode metric applies, and all rows together form the learning curve.
 
-What needs boundaries is refused before anything is written (``validate_streaming``): replay buffers, EWC and
-per-stage adapters; all stages must name the same method with the same ``train`` settings (``steps`` apart — and
+What needs boundaries is refused before anything is written (``validate_streaming`` asks each method part: replay
+buffers, EWC and per-stage adapters say so); all stages must name the same method with the same ``train`` settings (``steps`` apart — and
 ``seed``/``checkpoint_every``, which the runner sets). Shared LoRA adapters are refused too for now: the
 Trainer's mid-run checkpoints cannot resume a peft model.
 
@@ -50,9 +50,9 @@ from retain.config import ExperimentConfig
 from retain.distributed import make_accelerator
 from retain.errors import RetainError
 from retain.io import append_jsonl, atomic_write_json, atomic_write_text, read_json, remove_dir, verify_manifest
-from retain.methods.build import build_objective
+from retain.methods.build import build_objective, streaming_refusals
 from retain.models.adapters import frozen_copy
-from retain.methods.config import EWCReg, MethodConfig
+from retain.methods.config import MethodConfig
 from retain.methods.stage import MethodState, StageContext
 from retain.results import results_from_rows
 from retain.rundir import json_or_none, prepare_run_dir, remove_temp_leftovers, run_lock, save_model_dir, warn
@@ -73,21 +73,8 @@ def validate_streaming(cfg: ExperimentConfig) -> list[MethodConfig]:
     """Refuse what a boundary-free stream cannot run (``RetainError`` naming the field); returns the stage methods."""
     methods = [cfg.stage_method(i) for i in range(len(cfg.stages))]
     for i, m in enumerate(methods):
-        where = _where(cfg, i)
-        if m.replay is not None:
-            raise RetainError(f"streaming mode: {where}.replay needs task boundaries")
-        for j, reg in enumerate(m.regularizers):
-            if isinstance(reg, EWCReg):
-                raise RetainError(f"streaming mode: {where}.regularizers[{j}] (ewc) needs task boundaries")
-        if m.adapter is not None:
-            if m.adapter.per_stage:
-                raise RetainError(
-                    f"streaming mode: {where}.adapter.per_stage: a per-stage adapter needs task boundaries"
-                )
-            raise RetainError(
-                f"streaming mode: {where}.adapter: LoRA adapters are not supported in streaming mode "
-                "(its mid-run checkpoints cannot resume a peft model)"
-            )
+        for refusal in streaming_refusals(m, _where(cfg, i)):  # the parts say what needs task boundaries
+            raise RetainError(f"streaming mode: {refusal}")
     first, where0 = methods[0], _where(cfg, 0)
     for i, m in enumerate(methods[1:], 1):
         where = _where(cfg, i)

@@ -17,7 +17,7 @@ import torch
 from transformers import PreTrainedTokenizerBase
 
 from retain.losses import CONFLICT_ENTROPY_MAX, CONFLICT_PROB_MAX, token_entropy, token_logprobs
-from retain.scoring import teacher_forced
+from retain.logprobs import teacher_forced
 
 ENTROPY_MAX = CONFLICT_ENTROPY_MAX
 PROB_MAX = CONFLICT_PROB_MAX

@@ -1,14 +1,18 @@
 """Training one stage with one method: the only place that turns a ``MethodConfig`` into running parts.
 
-``train_stage`` freezes a copy of the model as the stage's reference, attaches an adapter if asked, builds the
-objective from the config's parts (on-policy → GRPO, GRPO + SFT on demonstrations, or distillation to a teacher;
-otherwise the SFT family with its data source, token weighting or proximal clip, and regularisers), runs the one
-training loop, then does the method's end-of-stage work: EWC's Fisher, the replay buffer, merging a per-stage adapter. The runner calls it without knowing which method it is.
+``train_stage`` is build → train → each part's end of stage. It freezes a copy of the model as the stage's
+reference, attaches the adapter part if the method has one, builds the objective from the config's parts
+(on-policy → GRPO, GRPO + SFT on demonstrations, or distillation to a teacher; otherwise the SFT family with its
+data source, token weighting or proximal clip, and regularisers), runs the one training loop, then hands the trained
+model to each part's ``end_stage`` (``retain.methods.parts``: EWC adds its Fisher, replay fills its buffer, a
+per-stage adapter is merged) — in the order regularisers, data source, adapter. The runner calls it without knowing
+which method it is; streaming mode asks the same parts what it cannot run (``streaming_refusals``).
 """
 
 from __future__ import annotations
 
 import random
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
@@ -19,21 +23,22 @@ from retain import tasks as task_registry
 from retain.data import encode_answer, encode_prompt
 from retain.distributed import make_accelerator, train_device
 from retain.losses import linear_weight
-from retain.models import adapters
 from retain.models.adapters import frozen_copy
 from retain.methods.config import (
-    ConflictMaskedLoss, DFTLoss, DistillReg, EAFTLoss, EWCReg, KLRefReg, L2SPReg, MethodConfig, OnPolicyData,
-    PSFTLoss, SFTMixReg, TeacherKLLoss, method_config,
+    ConflictMaskedLoss, DFTLoss, EAFTLoss, MethodConfig, OnPolicyData, PSFTLoss, SFTMixReg, TeacherKLLoss,
+    method_config,
 )
 from retain.methods.grpo import GRPOObjective
 from retain.methods.mix import WeightedSum
+from retain.methods.parts import StageAdapter, StagePart
 from retain.methods.psft import ProximalSFTObjective
-from retain.methods.regularizers import EWC, L2SP, Distillation, KLToReference, update_fisher
+from retain.methods.regularizers import REGULARIZERS
 from retain.methods.sft import SFTObjective, conflict_masking, dft_weighting, eaft_weighting, nll_weighting
-from retain.methods.sources import FixedPairs, PairSource, build_source, reference_pairs
+from retain.methods.sources import FixedPairs, PairSource, WithReplay, build_source, reference_pairs
 from retain.methods.teachers import TeacherKLObjective
 from retain.methods.stage import MethodState, StageContext
-from retain.train import Trainer
+from retain.rollout import EngineChoice
+from retain.train import Objective, Trainer
 
 
 def _load_source_model(path: str) -> torch.nn.Module:
@@ -72,9 +77,22 @@ def on_policy_objective(cfg: MethodConfig, ctx: StageContext):
     return WeightedSum([("", grpo, lambda step: 1.0 - mu(step)), ("sft", sft, mu)])
 
 
-def build_objective(cfg: MethodConfig, ctx: StageContext):
+@dataclass
+class BuiltStage:
+    """A stage's objective and its parts, in the order their ``end_stage`` runs."""
+
+    objective: Objective
+    parts: list[StagePart] = field(default_factory=list)
+
+    def end_stage(self, model: torch.nn.Module, ctx: StageContext) -> torch.nn.Module:
+        for part in self.parts:
+            model = part.end_stage(model, ctx)
+        return model
+
+
+def build_stage(cfg: MethodConfig, ctx: StageContext) -> BuiltStage:
     if isinstance(cfg.data, OnPolicyData):
-        return on_policy_objective(cfg, ctx)
+        return BuiltStage(on_policy_objective(cfg, ctx))
     loss = cfg.loss
     if isinstance(loss, EAFTLoss):
         weighting = eaft_weighting(loss.k, loss.alpha)
@@ -84,24 +102,30 @@ def build_objective(cfg: MethodConfig, ctx: StageContext):
         weighting = dft_weighting
     else:
         weighting = nll_weighting
-    regs = []
-    for reg in cfg.regularizers:
-        if isinstance(reg, KLRefReg):
-            regs.append(KLToReference(ctx.reference, reg.weight))
-        elif isinstance(reg, DistillReg):
-            regs.append(Distillation(ctx.reference, reg.weight, reg.temperature))
-        elif isinstance(reg, L2SPReg):
-            regs.append(L2SP(ctx.reference, reg.weight))
-        elif isinstance(reg, EWCReg):
-            regs.append(EWC(ctx.state, reg.weight))
+    regs = [REGULARIZERS[type(reg)].build(reg, ctx) for reg in cfg.regularizers]
     source = build_source(cfg, ctx, _load_source_model)
     sft = SFTObjective(
         _token_sampler(source, ctx.tokenizer), ctx.tokenizer.pad_token_id, cfg.batch_size, cfg.micro_batch_size,
         seed=ctx.seed, weighting=weighting, regularizers=regs, micro_batch_tokens=cfg.micro_batch_tokens,
     )
-    if isinstance(loss, PSFTLoss):
-        return ProximalSFTObjective(sft, ctx.model, loss.eps, loss.updates_per_batch)
-    return sft
+    objective = ProximalSFTObjective(sft, ctx.model, loss.eps, loss.updates_per_batch) if isinstance(loss, PSFTLoss) \
+        else sft
+    return BuiltStage(objective, [*regs, *([source] if isinstance(source, StagePart) else [])])
+
+
+def build_objective(cfg: MethodConfig, ctx: StageContext) -> Objective:
+    """The stage's objective alone (streaming mode, which refuses every part with an end of stage, and benchmarks)."""
+    return build_stage(cfg, ctx).objective
+
+
+def streaming_refusals(cfg: MethodConfig, where: str) -> list[str]:
+    """What each part of ``cfg`` (at config path ``where``) says a boundary-free stream cannot run."""
+    said = [WithReplay.streaming_refusal(cfg.replay, f"{where}.replay")] if cfg.replay is not None else []
+    said += [REGULARIZERS[type(reg)].streaming_refusal(reg, f"{where}.regularizers[{j}]")
+             for j, reg in enumerate(cfg.regularizers) if type(reg) in REGULARIZERS]
+    if cfg.adapter is not None:
+        said.append(StageAdapter.streaming_refusal(cfg.adapter, f"{where}.adapter"))
+    return [s for s in said if s]
 
 
 def train_stage(
@@ -114,7 +138,7 @@ def train_stage(
     seen_tasks: list[str] | None = None,
     state: MethodState | None = None,
     seed: int = 0,
-    engine: str = "cached",
+    engine: EngineChoice = "kv_cache",
     checkpoint_dir: str | Path | None = None,
     log: Callable[[dict[str, Any]], None] | None = None,
     device: str = "auto",
@@ -128,26 +152,20 @@ def train_stage(
     state = state if state is not None else MethodState()
     model.to(train_device(device))  # before the frozen copy, so the reference sits where the policy computes
     reference = frozen_copy(model)
-    if cfg.adapter is not None:
-        model = adapters.attach(model, cfg.adapter)
+    adapter = StageAdapter(cfg.adapter) if cfg.adapter is not None else None
+    if adapter is not None:
+        model = adapter.attach(model)
     ctx = StageContext(
         model=model, reference=reference, tokenizer=tokenizer, task_name=task_name, task=task_registry.get(task_name),
         stage_index=stage_index, seen_tasks=list(seen_tasks or []), seed=seed, state=state, engine=engine, log=log,
     )
-    objective = build_objective(cfg, ctx)
+    stage = build_stage(cfg, ctx)
+    if adapter is not None:
+        stage.parts.append(adapter)  # last: the other parts' end of stage sees the adapted model
     train_cfg = cfg.train.model_copy(update={"seed": seed})
     accelerator = make_accelerator(device, mixed_precision)
-    model = Trainer(model, objective, train_cfg, checkpoint_dir=checkpoint_dir, log=log, accelerator=accelerator,
+    model = Trainer(model, stage.objective, train_cfg, checkpoint_dir=checkpoint_dir, log=log, accelerator=accelerator,
                     on_step=on_step).run()
-    for reg in cfg.regularizers:
-        if isinstance(reg, EWCReg):
-            pairs = reference_pairs(ctx, task_name, "canonical", seed)
-            random.Random(seed).shuffle(pairs)
-            update_fisher(state, model, tokenizer, pairs, reg.fisher_samples)
-    if cfg.replay is not None:
-        pairs = reference_pairs(ctx, task_name, "canonical", seed)
-        state.replay[task_name] = random.Random(seed).sample(pairs, min(cfg.replay.size, len(pairs)))
-    if cfg.adapter is not None:
-        model = adapters.finish_stage(model, cfg.adapter)
+    model = stage.end_stage(model, ctx)
     model.eval()
     return model

@@ -6,19 +6,25 @@
   temperature T; π_prev = the previous stage's model (= the stage's starting model).
 - ``L2SP``: λ·Σ(θ − θ_ref)² over the parameters present in the reference, once per step.
 - ``EWC``: λ/2·Σ F·(θ − θ*)², F the diagonal empirical Fisher accumulated over earlier stages, θ* the weights
-  at the end of the last stage; ``update_fisher`` runs at the end of each stage.
-N and P are the step's answer-token and position counts, so micro-batches add up to the full batch.
+  at the end of the last stage; its ``end_stage`` adds the stage's Fisher (``update_fisher``) — penalty and Fisher
+  in one part, which therefore needs task boundaries.
+N and P are the step's answer-token and position counts, so micro-batches add up to the full batch. Each class
+builds itself from its config and the stage context (``build``); ``REGULARIZERS`` maps a config kind to it.
 """
 
 from __future__ import annotations
 
-from typing import Sequence
+import random
+from typing import Any, Sequence
 
 import torch
 
 from retain.data import IGNORE, TokenBatch, collate, encode_answer, encode_prompt, model_inputs
 from retain.losses import distill_kl, sft_loss
-from retain.methods.stage import MethodState
+from retain.methods.config import DistillReg, EWCReg, KLRefReg, L2SPReg
+from retain.methods.parts import StagePart
+from retain.methods.sources import reference_pairs
+from retain.methods.stage import MethodState, StageContext
 
 
 def _ref_logits(reference: torch.nn.Module, batch: TokenBatch, device) -> torch.Tensor:
@@ -26,9 +32,13 @@ def _ref_logits(reference: torch.nn.Module, batch: TokenBatch, device) -> torch.
         return reference(**model_inputs(batch, device)).logits[:, :-1]
 
 
-class KLToReference:
+class KLToReference(StagePart):
     def __init__(self, reference: torch.nn.Module, weight: float) -> None:
         self.reference, self.weight = reference, weight
+
+    @classmethod
+    def build(cls, cfg: KLRefReg, ctx: StageContext) -> KLToReference:
+        return cls(ctx.reference, cfg.weight)
 
     def penalty(self, model, batch: TokenBatch, logits, first):
         mask = batch.labels[:, 1:].to(logits.device) != IGNORE
@@ -37,9 +47,13 @@ class KLToReference:
         return self.weight * value, {"kl_ref": float(value.detach())}
 
 
-class Distillation:
+class Distillation(StagePart):
     def __init__(self, previous: torch.nn.Module, weight: float, temperature: float) -> None:
         self.previous, self.weight, self.temperature = previous, weight, temperature
+
+    @classmethod
+    def build(cls, cfg: DistillReg, ctx: StageContext) -> Distillation:
+        return cls(ctx.reference, cfg.weight, cfg.temperature)
 
     def penalty(self, model, batch: TokenBatch, logits, first):
         mask = batch.attention_mask[:, 1:].to(logits.device).bool()
@@ -52,10 +66,14 @@ def _named(model: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
     return {name.replace("base_model.model.", "").replace(".base_layer", ""): p for name, p in model.named_parameters()}
 
 
-class L2SP:
+class L2SP(StagePart):
     def __init__(self, reference: torch.nn.Module, weight: float) -> None:
         self.weight = weight
         self.anchor = {n: p.detach().clone() for n, p in _named(reference).items()}
+
+    @classmethod
+    def build(cls, cfg: L2SPReg, ctx: StageContext) -> L2SP:
+        return cls(ctx.reference, cfg.weight)
 
     def penalty(self, model, batch, logits, first):
         if not first:
@@ -67,9 +85,27 @@ class L2SP:
         return self.weight * total, {"l2sp": float(total.detach())}
 
 
-class EWC:
-    def __init__(self, state: MethodState, weight: float) -> None:
-        self.state, self.weight = state, weight
+class EWC(StagePart):
+    """The penalty toward the earlier stages' anchor, and (``end_stage``) this stage's Fisher added to the sum
+    over ``fisher_samples`` of the task's reference pairs (a seeded shuffle) with the anchor moved to the trained
+    weights."""
+
+    def __init__(self, state: MethodState, weight: float, fisher_samples: int = 128) -> None:
+        self.state, self.weight, self.fisher_samples = state, weight, fisher_samples
+
+    @classmethod
+    def build(cls, cfg: EWCReg, ctx: StageContext) -> EWC:
+        return cls(ctx.state, cfg.weight, cfg.fisher_samples)
+
+    @classmethod
+    def streaming_refusal(cls, cfg: EWCReg, field: str) -> str | None:
+        return f"{field} (ewc) needs task boundaries"
+
+    def end_stage(self, model: torch.nn.Module, ctx: StageContext) -> torch.nn.Module:
+        pairs = reference_pairs(ctx, ctx.task_name, "canonical", ctx.seed)
+        random.Random(ctx.seed).shuffle(pairs)
+        update_fisher(self.state, model, ctx.tokenizer, pairs, self.fisher_samples)
+        return model
 
     def penalty(self, model, batch, logits, first):
         if not first or not self.state.fisher:
@@ -111,3 +147,7 @@ def update_fisher(
     else:
         state.fisher = {n: state.fisher.get(n, torch.zeros_like(f)) + f for n, f in fisher.items()}
     state.anchor = {n: p.detach().clone() for n, p in params.items()}
+
+
+# a regulariser config's class -> the part it builds (``.build(cfg, ctx)``); sft_mix is a second objective instead
+REGULARIZERS: dict[type, Any] = {KLRefReg: KLToReference, DistillReg: Distillation, L2SPReg: L2SP, EWCReg: EWC}

@@ -4,9 +4,11 @@
 - self: samples of the stage's initial model (or of ``source_model``), kept if correct — built once at stage start.
 - iterative: the same from the *current* model, rebuilt every ``epoch_steps`` steps.
 - multitask: reference answers of every task seen so far, drawn task-uniformly.
-- replay (a wrapper): a share of every batch from earlier stages' buffers.
+- replay (a wrapper): a share of every batch from earlier stages' buffers; at the stage's end it fills the stage's
+  own buffer (a part with a life across the stage: ``retain.methods.parts``).
 
-Sampling within a step is seeded by (seed, step), so a step's batch does not depend on what ran before it.
+Each source builds itself from the method config and the stage context (``build``); ``build_source`` picks the
+class by the config's data kind. Sampling within a step is seeded by (seed, step), so a step's batch does not depend on what ran before it.
 """
 
 from __future__ import annotations
@@ -19,12 +21,14 @@ import torch
 from retain import tasks as task_registry
 from retain.errors import RetainError
 from retain.evaluate import DEFAULT_MAX_NEW_TOKENS
-from retain.methods.config import IterativeData, MethodConfig, MultiTaskData, OfflineData, SampledData
+from retain.methods.config import IterativeData, MethodConfig, MultiTaskData, OfflineData, ReplayConfig, SampledData
+from retain.methods.parts import StagePart
 from retain.methods.stage import StageContext
 from retain.rollout import make_engine
-from retain.scoring import sequence_logprobs
+from retain.logprobs import sequence_logprobs
 
 Pair = tuple[str, str]
+ModelLoader = Callable[[str], torch.nn.Module]
 
 
 class PairSource(Protocol):
@@ -41,6 +45,33 @@ class FixedPairs:
 
     def sample(self, rng: random.Random, k: int, step: int) -> list[Pair]:
         return [rng.choice(self.pairs) for _ in range(k)]
+
+
+class ReferencePairs(FixedPairs):
+    """offline data: the task's reference answers (``target`` chooses among several), the prompts as written or in
+    every template of the task (``prompts: varied``)."""
+
+    @classmethod
+    def build(cls, cfg: MethodConfig, ctx: StageContext, load_model: ModelLoader) -> ReferencePairs:
+        data, what = cfg.data, f"{cfg.name} on {ctx.task_name!r}"
+        pairs = reference_pairs(ctx, ctx.task_name, data.target, ctx.seed)
+        if data.prompts == "varied":
+            pairs = varied_prompts(ctx.task, pairs, what)
+        return cls(pairs, what)
+
+
+class SelfSampledPairs(FixedPairs):
+    """self data: correct samples of the stage's initial model (or of ``source_model``), drawn once at stage start."""
+
+    @classmethod
+    def build(cls, cfg: MethodConfig, ctx: StageContext, load_model: ModelLoader) -> SelfSampledPairs:
+        data, what = cfg.data, f"{cfg.name} on {ctx.task_name!r}"
+        model = ctx.reference if data.source_model is None else load_model(data.source_model)
+        pairs = sample_correct(model, ctx, data.samples_per_prompt, data.temperature, ctx.seed, cfg.max_new_tokens)
+        if not pairs:
+            who = "the stage's initial model" if data.source_model is None else repr(data.source_model)
+            raise RetainError(f"{what}: {who} solved none of the train prompts in {data.samples_per_prompt} samples each")
+        return cls(pairs, what)
 
 
 def reference_pairs(ctx: StageContext, task_name: str, target: str, seed: int) -> list[Pair]:
@@ -97,6 +128,10 @@ class IterativePairs:
         self.epoch = -1
         self.kept_history: list[int] = []
 
+    @classmethod
+    def build(cls, cfg: MethodConfig, ctx: StageContext, load_model: ModelLoader) -> IterativePairs:
+        return cls(cfg.data, ctx, cfg.max_new_tokens)
+
     def sample(self, rng: random.Random, k: int, step: int) -> list[Pair]:
         epoch = step // self.cfg.epoch_steps
         if epoch != self.epoch:
@@ -121,21 +156,36 @@ class MultiTaskPairs:
         self.per_task = {t: p for t, p in per_task.items() if p}
         self.names = sorted(self.per_task)
 
+    @classmethod
+    def build(cls, cfg: MethodConfig, ctx: StageContext, load_model: ModelLoader) -> MultiTaskPairs:
+        names = [*ctx.seen_tasks, ctx.task_name]
+        return cls({t: reference_pairs(ctx, t, cfg.data.target, ctx.seed) for t in names})
+
     def sample(self, rng: random.Random, k: int, step: int) -> list[Pair]:
         return [rng.choice(self.per_task[rng.choice(self.names)]) for _ in range(k)]
 
 
-class WithReplay:
+class WithReplay(StagePart):
     """``ratio`` of each batch drawn from the replay buffers of earlier stages and ``prior_ratio`` from the prior
-    skills' training data (each task-uniform); the rest from the stage's own source."""
+    skills' training data (each task-uniform); the rest from the stage's own source. At the stage's end it fills the
+    stage's own buffer (``size`` of the task's reference pairs, a seeded draw) for the stages after it."""
 
     def __init__(self, inner: PairSource, buffers: dict[str, list[Pair]], ratio: float,
-                 prior: dict[str, list[Pair]] | None = None, prior_ratio: float = 0.0) -> None:
-        self.inner, self.ratio, self.prior_ratio = inner, ratio, prior_ratio
+                 prior: dict[str, list[Pair]] | None = None, prior_ratio: float = 0.0, size: int = 512) -> None:
+        self.inner, self.ratio, self.prior_ratio, self.size = inner, ratio, prior_ratio, size
         self.buffers = {t: p for t, p in buffers.items() if p}
         self.names = sorted(self.buffers)
         self.prior = {t: p for t, p in (prior or {}).items() if p}
         self.prior_names = sorted(self.prior)
+
+    @classmethod
+    def build(cls, cfg: ReplayConfig, ctx: StageContext, inner: PairSource) -> WithReplay:
+        prior = prior_pairs(cfg.prior_tasks) if cfg.prior_ratio > 0 else {}
+        return cls(inner, ctx.state.replay, cfg.ratio, prior, cfg.prior_ratio, cfg.size)
+
+    @classmethod
+    def streaming_refusal(cls, cfg: ReplayConfig, field: str) -> str | None:
+        return f"{field} needs task boundaries"
 
     def sample(self, rng: random.Random, k: int, step: int) -> list[Pair]:
         n_replay = round(self.ratio * k) if self.names else 0
@@ -145,6 +195,11 @@ class WithReplay:
         replayed += [rng.choice(self.prior[rng.choice(self.prior_names)]) for _ in range(max(0, n_prior))]
         return self.inner.sample(rng, k - len(replayed), step) + replayed
 
+    def end_stage(self, model: torch.nn.Module, ctx: StageContext) -> torch.nn.Module:
+        pairs = reference_pairs(ctx, ctx.task_name, "canonical", ctx.seed)
+        ctx.state.replay[ctx.task_name] = random.Random(ctx.seed).sample(pairs, min(self.size, len(pairs)))
+        return model
+
 
 def prior_pairs(names: list[str]) -> dict[str, list[Pair]]:
     """The train split's reference pairs of each named task or group (the prior skills' pretraining data)."""
@@ -152,29 +207,18 @@ def prior_pairs(names: list[str]) -> dict[str, list[Pair]]:
             for t in task_registry.resolve(names)}
 
 
-def build_source(cfg: MethodConfig, ctx: StageContext, load_model: Callable[[str], torch.nn.Module]) -> PairSource:
-    data = cfg.data
-    what = f"{cfg.name} on {ctx.task_name!r}"
-    if isinstance(data, OfflineData):
-        pairs = reference_pairs(ctx, ctx.task_name, data.target, ctx.seed)
-        if data.prompts == "varied":
-            pairs = varied_prompts(ctx.task, pairs, what)
-        source: PairSource = FixedPairs(pairs, what)
-    elif isinstance(data, SampledData):
-        model = ctx.reference if data.source_model is None else load_model(data.source_model)
-        pairs = sample_correct(model, ctx, data.samples_per_prompt, data.temperature, ctx.seed, cfg.max_new_tokens)
-        if not pairs:
-            who = "the stage's initial model" if data.source_model is None else repr(data.source_model)
-            raise RetainError(f"{what}: {who} solved none of the train prompts in {data.samples_per_prompt} samples each")
-        source = FixedPairs(pairs, what)
-    elif isinstance(data, IterativeData):
-        source = IterativePairs(data, ctx, cfg.max_new_tokens)
-    elif isinstance(data, MultiTaskData):
-        names = [*ctx.seen_tasks, ctx.task_name]
-        source = MultiTaskPairs({t: reference_pairs(ctx, t, data.target, ctx.seed) for t in names})
-    else:  # pragma: no cover - validated by MethodConfig
-        raise RetainError(f"data kind {data.kind!r} is not an SFT-family source")
-    if cfg.replay is not None:
-        prior = prior_pairs(cfg.replay.prior_tasks) if cfg.replay.prior_ratio > 0 else {}
-        source = WithReplay(source, ctx.state.replay, cfg.replay.ratio, prior, cfg.replay.prior_ratio)
-    return source
+SOURCES: dict[type, Callable[[MethodConfig, StageContext, ModelLoader], PairSource]] = {
+    OfflineData: ReferencePairs.build,
+    SampledData: SelfSampledPairs.build,
+    IterativeData: IterativePairs.build,
+    MultiTaskData: MultiTaskPairs.build,
+}
+
+
+def build_source(cfg: MethodConfig, ctx: StageContext, load_model: ModelLoader) -> PairSource:
+    """The stage's data source for ``cfg.data`` (wrapped by replay when the method replays)."""
+    build = SOURCES.get(type(cfg.data))
+    if build is None:  # pragma: no cover - validated by MethodConfig
+        raise RetainError(f"data kind {cfg.data.kind!r} is not an SFT-family source")
+    source = build(cfg, ctx, load_model)
+    return source if cfg.replay is None else WithReplay.build(cfg.replay, ctx, source)

@@ -8,6 +8,7 @@ from typing import Any
 import torch
 from transformers import PreTrainedTokenizerBase
 
+from retain.rollout import EngineChoice
 from retain.tasks import Task
 
 
@@ -46,5 +47,5 @@ class StageContext:
     seen_tasks: list[str]  # tasks of the earlier stages, in order
     seed: int
     state: MethodState
-    engine: str = "cached"
+    engine: EngineChoice = "kv_cache"  # an engine name, or a factory (retain.rollout.make_engine)
     log: Any = None

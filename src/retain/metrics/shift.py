@@ -69,7 +69,7 @@ def kl_shift(
     samples: int = 1,
     max_new_tokens: int = 24,
     seed: int = 0,
-    engine: str = "cached",
+    engine: str = "kv_cache",
 ) -> dict[str, dict[str, float]]:
     """``{"forward": KL(π0‖π) stats, "reverse": KL(π‖π0) stats}``, each as ``_summary`` describes."""
     out = {}

@@ -2,20 +2,33 @@
 
 from __future__ import annotations
 
+from typing import Callable, Union
+
 import torch
 from transformers import PreTrainedTokenizerBase
 
 from retain.errors import RetainError
-from retain.rollout.base import Rollout, RolloutEngine
+from retain.rollout.base import Rollout, RolloutEngine, SamplingRequest
 
-ENGINES = ("cached", "hf", "vllm")
+ENGINES = ("kv_cache", "hf", "vllm")
+# old engine names, still accepted: "cached" named the KV-cache sampling loop, which is no cache of results
+ENGINE_ALIASES = {"cached": "kv_cache"}
 
 
-def make_engine(name: str, model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, batch_size: int = 256) -> RolloutEngine:
-    if name == "cached":
-        from retain.rollout.hf import CachedSamplerEngine
+# an engine named in a config, or one injected by code (a test's stand-in): made for the model it samples from
+EngineFactory = Callable[[torch.nn.Module, PreTrainedTokenizerBase], RolloutEngine]
+EngineChoice = Union[str, EngineFactory]
 
-        return CachedSamplerEngine(model, tokenizer, batch_size)
+
+def make_engine(name: EngineChoice, model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase,
+                batch_size: int = 256) -> RolloutEngine:
+    if callable(name):  # injected: the factory decides
+        return name(model, tokenizer)
+    name = ENGINE_ALIASES.get(name, name)
+    if name == "kv_cache":
+        from retain.rollout.hf import KVCacheSamplerEngine
+
+        return KVCacheSamplerEngine(model, tokenizer, batch_size)
     if name == "hf":
         from retain.rollout.hf import HFGenerateEngine
 
@@ -27,4 +40,5 @@ def make_engine(name: str, model: torch.nn.Module, tokenizer: PreTrainedTokenize
     raise RetainError(f"unknown rollout engine {name!r} (engines: {', '.join(ENGINES)})")
 
 
-__all__ = ["Rollout", "RolloutEngine", "make_engine", "ENGINES"]
+__all__ = ["Rollout", "RolloutEngine", "SamplingRequest", "make_engine", "ENGINES", "ENGINE_ALIASES", "EngineChoice",
+           "EngineFactory"]

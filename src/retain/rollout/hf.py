@@ -1,9 +1,12 @@
 """Rollout engines on a Hugging Face model in this process, sharing the training model's weights.
 
-- ``HFGenerateEngine``: plain ``model.generate`` (KV cache), the reference.
-- ``CachedSamplerEngine`` (default): the same computation — left-padded prefill, then one token at a time through
-  the model's KV cache — as a short loop without generate's per-step machinery (logits processors, stopping
-  criteria objects, output bookkeeping), which dominates for small models. It samples from
+Both implement only the completion step of ``RolloutEngine``'s template (seeding, rows, eval mode, eos cuts and
+decoding are the base class's).
+
+- ``HFGenerateEngine`` (engine ``hf``): plain ``model.generate`` (KV cache), the reference.
+- ``KVCacheSamplerEngine`` (default, engine ``kv_cache``; ``cached``, its old name, is still accepted): the same
+  computation — left-padded prefill, then one token at a time through the model's KV cache — as a short loop
+  without generate's per-step machinery (logits processors, stopping criteria objects, output bookkeeping), which dominates for small models. It samples from
   softmax(logits / temperature) with no top-k/top-p, which is what GRPO's log-probabilities assume; greedy is argmax.
   What it does not compute, on the same results (greedy completions are token-identical to ``HFGenerateEngine``):
 
@@ -20,107 +23,46 @@
 
 from __future__ import annotations
 
-from typing import Sequence
-
 import torch
-from transformers import PreTrainedTokenizerBase
 from transformers.cache_utils import Cache, DynamicLayer
 
-from retain.data import encode_prompt, left_pad
-from retain.rollout.base import Rollout, RolloutEngine
+from retain.data import left_pad
+from retain.rollout.base import RolloutEngine, SamplingRequest
 
 DROP_SHARE = 4  # drop finished rows from a decoding batch once at least 1/DROP_SHARE of its rows have finished
 
 
-class _HFEngineBase(RolloutEngine):
-    def __init__(self, model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, batch_size: int = 256) -> None:
-        self.model = model
-        self.tok = tokenizer
-        self.batch_size = batch_size
-        self._prompt_cache: dict[str, list[int]] = {}
-
-    def _encode(self, prompt: str) -> list[int]:
-        ids = self._prompt_cache.get(prompt)
-        if ids is None:
-            ids = self._prompt_cache[prompt] = encode_prompt(self.tok, prompt)
-        return ids
-
-    def generate(
-        self,
-        prompts: Sequence[str],
-        n: int = 1,
-        temperature: float = 1.0,
-        max_new_tokens: int = 32,
-        greedy: bool = False,
-        seed: int | None = None,
-    ) -> Rollout:
-        if seed is not None:
-            torch.manual_seed(seed)
-        flat = [p for p in prompts for _ in range(n)]
-        group = [i for i in range(len(prompts)) for _ in range(n)]
-        prompt_ids = [self._encode(p) for p in flat]
-        completions: list[list[int]] = []
+class HFGenerateEngine(RolloutEngine):
+    def complete(self, request: SamplingRequest) -> tuple[list[list[int]], list[list[int]]]:
+        prompt_ids = [self.encode(p) for p in request.flat]
         device = next(self.model.parameters()).device
-        was_training = self.model.training
-        self.model.eval()
-        try:
-            with torch.inference_mode():
-                for start in range(0, len(flat), self.batch_size):
-                    ids, mask = left_pad(prompt_ids[start : start + self.batch_size], self.tok.pad_token_id)
-                    new = self._sample(ids.to(device), mask.to(device), temperature, max_new_tokens, greedy)
-                    completions.extend(self._cut(row) for row in new.tolist())
-        finally:
-            self.model.train(was_training)
-        return self._rollout(flat, prompt_ids, completions, group)
+        completions: list[list[int]] = []
+        for start in range(0, len(prompt_ids), self.batch_size):
+            ids, mask = left_pad(prompt_ids[start : start + self.batch_size], self.tok.pad_token_id)
+            completions += self._sample(ids.to(device), mask.to(device), request).tolist()
+        return prompt_ids, completions
 
-    def _rollout(self, flat, prompt_ids, completions, group) -> Rollout:
-        eos = self.tok.eos_token_id
-        truncated = [not (c and c[-1] == eos) for c in completions]
-        texts = [
-            self.tok.decode(c[:-1] if not t else c, skip_special_tokens=True) for c, t in zip(completions, truncated)
-        ]
-        return Rollout(flat, prompt_ids, completions, texts, group, truncated)
-
-    def _cut(self, row: list[int]) -> list[int]:
-        eos = self.tok.eos_token_id
-        return row[: row.index(eos) + 1] if eos in row else row
-
-    def _sample(self, ids, mask, temperature, max_new_tokens, greedy) -> torch.Tensor:
-        raise NotImplementedError
-
-
-class HFGenerateEngine(_HFEngineBase):
-    def _sample(self, ids, mask, temperature, max_new_tokens, greedy) -> torch.Tensor:
+    def _sample(self, ids, mask, request: SamplingRequest) -> torch.Tensor:
+        greedy = request.greedy
         out = self.model.generate(
             input_ids=ids,
             attention_mask=mask,
             do_sample=not greedy,
-            temperature=None if greedy else temperature,
+            temperature=None if greedy else request.temperature,
             top_k=None if greedy else 0,
             top_p=None if greedy else 1.0,
-            max_new_tokens=max_new_tokens,
+            max_new_tokens=request.max_new_tokens,
             pad_token_id=self.tok.pad_token_id,
             eos_token_id=self.tok.eos_token_id,
         )
         return out[:, ids.shape[1] :]
 
 
-class CachedSamplerEngine(_HFEngineBase):
-    def generate(
-        self,
-        prompts: Sequence[str],
-        n: int = 1,
-        temperature: float = 1.0,
-        max_new_tokens: int = 32,
-        greedy: bool = False,
-        seed: int | None = None,
-    ) -> Rollout:
-        if seed is not None:
-            torch.manual_seed(seed)
-        flat = [p for p in prompts for _ in range(n)]
-        group = [i for i in range(len(prompts)) for _ in range(n)]
-        distinct = list(dict.fromkeys(prompts))
-        encoded = {p: self._encode(p) for p in distinct}
+class KVCacheSamplerEngine(RolloutEngine):
+    def complete(self, request: SamplingRequest) -> tuple[list[list[int]], list[list[int]]]:
+        flat = request.flat
+        distinct = list(dict.fromkeys(request.prompts))
+        encoded = {p: self.encode(p) for p in distinct}
         rank = {p: i for i, p in enumerate(distinct)}
         prompt_ids = [encoded[p] for p in flat]
         # Rows sorted by prompt length (then prompt): a batch holds few lengths (little or no left padding) and the
@@ -128,20 +70,13 @@ class CachedSamplerEngine(_HFEngineBase):
         order = sorted(range(len(flat)), key=lambda r: (len(prompt_ids[r]), rank[flat[r]], r))
         completions: list[list[int]] = [[] for _ in flat]
         device = next(self.model.parameters()).device
-        was_training = self.model.training
-        self.model.eval()
-        try:
-            with torch.inference_mode():
-                for start in range(0, len(order), self.batch_size):
-                    rows = order[start : start + self.batch_size]
-                    new = self._sample_rows(
-                        [flat[r] for r in rows], encoded, device, temperature, max_new_tokens, greedy
-                    )
-                    for r, c in zip(rows, new):
-                        completions[r] = c
-        finally:
-            self.model.train(was_training)
-        return self._rollout(flat, prompt_ids, completions, group)
+        for start in range(0, len(order), self.batch_size):
+            rows = order[start : start + self.batch_size]
+            new = self._sample_rows([flat[r] for r in rows], encoded, device, request.temperature,
+                                    request.max_new_tokens, request.greedy)
+            for r, c in zip(rows, new):
+                completions[r] = c
+        return prompt_ids, completions
 
     def _sample_rows(self, row_prompts, encoded, device, temperature, max_new_tokens, greedy) -> list[list[int]]:
         """Completions for one batch of rows (rows of one prompt adjacent): prefill each distinct prompt once, copy
@@ -197,7 +132,7 @@ class CachedSamplerEngine(_HFEngineBase):
             )
             logits = out.logits[:, -1, :]
             next_pos = next_pos + 1
-        return [self._cut(row) for row in tokens.tolist()]
+        return [self.cut(row) for row in tokens.tolist()]
 
     def _new_cache(self, capacity: int) -> Cache:
         """A buffer cache of ``capacity`` positions when every layer is full attention, else transformers' own."""

@@ -28,14 +28,14 @@ import gc
 import os
 import socket
 import weakref
-from typing import Any, Iterator, Sequence
+from contextlib import contextmanager
+from typing import Any, Iterator
 
 import torch
 from transformers import PreTrainedTokenizerBase
 
-from retain.data import encode_prompt
 from retain.errors import RetainError
-from retain.rollout.base import Rollout, RolloutEngine
+from retain.rollout.base import RolloutEngine, SamplingRequest
 
 INSTALL = "pip install 'retain[vllm]'"
 SEED_STRIDE = 1_000_003
@@ -51,11 +51,11 @@ def require_vllm() -> Any:
     except ImportError:
         raise RetainError(
             f"rollout engine 'vllm' needs the vllm package and an NVIDIA GPU with CUDA: {INSTALL} on a GPU machine "
-            "(or use engine: cached)"
+            "(or use engine: kv_cache)"
         ) from None
     if not torch.cuda.is_available():
         raise RetainError(
-            "rollout engine 'vllm' needs an NVIDIA GPU with CUDA, and torch sees none (use engine: cached on CPU)"
+            "rollout engine 'vllm' needs an NVIDIA GPU with CUDA, and torch sees none (use engine: kv_cache on CPU)"
         )
     return vllm
 
@@ -172,13 +172,12 @@ def _worker_model(llm: Any) -> Any:
 
 
 class VLLMEngine(RolloutEngine):
+    seeds_torch = False  # each sample carries its own seed into vLLM
+
     def __init__(self, model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, batch_size: int = 256) -> None:
+        super().__init__(model, tokenizer, batch_size)  # vLLM schedules its own batches; batch_size is unused
         self.vllm = require_vllm()
-        self.model = model
-        self.tok = tokenizer
-        self.batch_size = batch_size  # vLLM schedules its own batches; kept for the interface
         self.llm = _shared_llm(self.vllm, model)
-        self._prompt_cache: dict[str, list[int]] = {}
 
     def sync_weights(self, model: torch.nn.Module | None = None) -> None:
         """Push ``model``'s (default: this engine's model's) current weights into the vLLM engine."""
@@ -193,12 +192,6 @@ class VLLMEngine(RolloutEngine):
                 self.llm.apply_model(lambda m: m.load_weights(materialised))
         self.llm.reset_prefix_cache()
         _SLOT["loaded"] = (weakref.ref(model), _versions(model))
-
-    def _encode(self, prompt: str) -> list[int]:
-        ids = self._prompt_cache.get(prompt)
-        if ids is None:
-            ids = self._prompt_cache[prompt] = encode_prompt(self.tok, prompt)
-        return ids
 
     def sampling_params(self, count: int, temperature: float, max_new_tokens: int, greedy: bool, seed: int | None) -> list:
         """One ``SamplingParams`` per sample (``count`` samples: ``n`` per prompt, prompt-major)."""
@@ -215,23 +208,19 @@ class VLLMEngine(RolloutEngine):
             for i in range(count)
         ]
 
-    def generate(
-        self,
-        prompts: Sequence[str],
-        n: int = 1,
-        temperature: float = 1.0,
-        max_new_tokens: int = 32,
-        greedy: bool = False,
-        seed: int | None = None,
-    ) -> Rollout:
+    @contextmanager
+    def sampling_mode(self) -> Iterator[None]:
+        """vLLM samples from its own copy of the weights: the training model's mode is left as it is."""
+        yield
+
+    def complete(self, request: SamplingRequest) -> tuple[list[list[int]], list[list[int]]]:
         if _SLOT["llm"] is not self.llm:  # another architecture took the process's engine meanwhile
             self.llm = _shared_llm(self.vllm, self.model)
         if not _holds(self.model):
             self.sync_weights(self.model)
-        flat = [p for p in prompts for _ in range(n)]
-        group = [i for i in range(len(prompts)) for _ in range(n)]
-        prompt_ids = [self._encode(p) for p in flat]
-        params = self.sampling_params(len(flat), temperature, max_new_tokens, greedy, seed)
+        prompt_ids = [self.encode(p) for p in request.flat]
+        params = self.sampling_params(len(prompt_ids), request.temperature, request.max_new_tokens, request.greedy,
+                                      request.seed)
         outputs = self.llm.generate(
             [{"prompt_token_ids": ids} for ids in prompt_ids], sampling_params=params, use_tqdm=False
         )
@@ -240,11 +229,7 @@ class VLLMEngine(RolloutEngine):
         for out in outputs:
             sample = out.outputs[0]
             ids = list(sample.token_ids)
-            if eos in ids:
-                ids = ids[: ids.index(eos) + 1]
-            elif getattr(sample, "finish_reason", None) == "stop":  # stopped at eos without reporting the token
+            if eos not in ids and getattr(sample, "finish_reason", None) == "stop":  # stopped at eos, token unreported
                 ids.append(eos)
             completions.append(ids)
-        truncated = [not (c and c[-1] == eos) for c in completions]
-        texts = [self.tok.decode(c[:-1] if not t else c, skip_special_tokens=True) for c, t in zip(completions, truncated)]
-        return Rollout(flat, prompt_ids, completions, texts, group, truncated)
+        return prompt_ids, completions

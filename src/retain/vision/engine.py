@@ -3,7 +3,9 @@
 ``VisionEngine.generate`` takes prompts and their images (PIL) and returns the same ``Rollout`` as the text engines
 (one entry per sample, prompt-major), so scoring and the methods read it the same way. It calls the model's own
 ``generate`` with whatever the processor returns (``pixel_values``, and ``image_grid_thw`` for Qwen2-VL), which is
-the path a real VLM takes; sampling is softmax(logits / temperature) with no top-k / top-p, greedy is argmax.
+the path a real VLM takes; sampling is softmax(logits / temperature) with no top-k / top-p, greedy is argmax. Seeding,
+rows, eval mode, eos cuts and decoding are ``RolloutEngine``'s template; this engine's completion step is the
+processor and ``generate``.
 """
 
 from __future__ import annotations
@@ -13,18 +15,18 @@ from typing import Any, Sequence
 import torch
 
 from retain.evaluate import halves, sampled_scores
-from retain.rollout.base import Rollout
+from retain.rollout.base import Rollout, RolloutEngine, SamplingRequest
 from retain.vision.model import vision_prompt_text
 
 
-class VisionEngine:
-    def __init__(self, model: torch.nn.Module, processor: Any, batch_size: int = 256) -> None:
-        self.model = model
-        self.processor = processor
-        self.tok = processor.tokenizer
-        self.batch_size = batch_size
+class VisionEngine(RolloutEngine):
+    """Implements only the completion step of ``RolloutEngine``'s template; ``generate`` takes the pictures."""
 
-    def generate(
+    def __init__(self, model: torch.nn.Module, processor: Any, batch_size: int = 256) -> None:
+        super().__init__(model, processor.tokenizer, batch_size)
+        self.processor = processor
+
+    def generate(  # type: ignore[override] - a picture per prompt
         self,
         prompts: Sequence[str],
         images: Sequence[Any],
@@ -36,41 +38,28 @@ class VisionEngine:
     ) -> Rollout:
         if len(prompts) != len(images):
             raise ValueError(f"{len(prompts)} prompts but {len(images)} images")
-        if seed is not None:
-            torch.manual_seed(seed)
-        flat = [i for i in range(len(prompts)) for _ in range(n)]
-        out = Rollout([], [], [], [], [], [])
-        was_training = self.model.training
-        self.model.eval()
+        return self.run(SamplingRequest(list(prompts), n, temperature, max_new_tokens, greedy, seed, list(images)))
+
+    def complete(self, request: SamplingRequest) -> tuple[list[list[int]], list[list[int]]]:
+        prompts, images, greedy = request.prompts, request.images, request.greedy
         self.tok.padding_side = "left"
         eos, pad = self.tok.eos_token_id, self.tok.pad_token_id
-        sampling = {} if greedy else {"temperature": temperature, "top_k": 0, "top_p": 1.0}
-        try:
-            with torch.inference_mode():
-                for start in range(0, len(flat), self.batch_size):
-                    rows = flat[start : start + self.batch_size]
-                    enc = self.processor(text=[vision_prompt_text(prompts[i]) for i in rows],
-                                         images=[images[i] for i in rows], padding=True, return_tensors="pt")
-                    generated = self.model.generate(**enc, do_sample=not greedy, max_new_tokens=max_new_tokens,
-                                                    eos_token_id=eos, pad_token_id=pad, **sampling)
-                    width = enc["input_ids"].shape[1]
-                    for row, ids, mask, new in zip(rows, enc["input_ids"], enc["attention_mask"], generated[:, width:]):
-                        completion = new.tolist()
-                        if eos in completion:
-                            completion = completion[: completion.index(eos) + 1]
-                        else:
-                            completion = [t for t in completion if t != pad]
-                        stopped = bool(completion) and completion[-1] == eos
-                        out.prompts.append(prompts[row])
-                        out.prompt_ids.append(ids[mask.bool()].tolist())
-                        out.completion_ids.append(completion)
-                        out.texts.append(self.tok.decode(completion[:-1] if stopped else completion,
-                                                         skip_special_tokens=True))
-                        out.group.append(row)
-                        out.truncated.append(not stopped)
-        finally:
-            self.model.train(was_training)
-        return out
+        sampling = {} if greedy else {"temperature": request.temperature, "top_k": 0, "top_p": 1.0}
+        prompt_ids: list[list[int]] = []
+        completions: list[list[int]] = []
+        group = request.group
+        for start in range(0, len(group), self.batch_size):
+            rows = group[start : start + self.batch_size]
+            enc = self.processor(text=[vision_prompt_text(prompts[i]) for i in rows],
+                                 images=[images[i] for i in rows], padding=True, return_tensors="pt")
+            generated = self.model.generate(**enc, do_sample=not greedy, max_new_tokens=request.max_new_tokens,
+                                            eos_token_id=eos, pad_token_id=pad, **sampling)
+            width = enc["input_ids"].shape[1]
+            for ids, mask, new in zip(enc["input_ids"], enc["attention_mask"], generated[:, width:]):
+                completion = new.tolist()
+                prompt_ids.append(ids[mask.bool()].tolist())
+                completions.append(completion if eos in completion else [t for t in completion if t != pad])
+        return prompt_ids, completions
 
 
 def evaluate_visual(
