@@ -38,7 +38,9 @@ import ddp_worker  # noqa: E402
 from retain.models.loading import load_model  # noqa: E402
 from retain.rollout import Rollout  # noqa: E402
 
-TOL = 1e-5  # losses (absolute) and gradients (relative L2)
+# losses (absolute) and gradients (relative L2): fp32 all-reduce sums in another order than one process; 1.3e-5
+# measured on the two-phase base (below 1e-5 on the one before)
+TOL = 3e-5
 WEIGHT_TOL = 5e-5  # final weights (absolute)
 ROOT = Path(__file__).resolve().parent.parent
 

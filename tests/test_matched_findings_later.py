@@ -78,7 +78,7 @@ def test_average_accuracy_findings_with_multitask_as_the_ceiling(tmp_path: Path)
 def test_kg_findings_are_not_run_where_the_stage_is_another_task(tmp_path: Path):
     agg = aggregate(sequence_demo(tmp_path, {"sft": 0.5, "grpo": 0.2}, noisy="sft"))
     f13 = by_id(agg)["13"]
-    assert f13["verdict"] == "not run" and "stage 2 is countdown, not kg" in f13["measured"]
+    assert f13["verdict"] == "not run" and "(gpoints → countdown) has no kg stage" in f13["measured"]
     assert by_id(agg)["13z"]["verdict"] == "not run"
 
 
