@@ -310,3 +310,12 @@ def test_seed_bounds_are_what_the_seeding_accepts():
     worst = cfg.seed * 1000 + len(cfg.stages)
     torch.manual_seed(worst * 1_000_003 + 10**6)  # the largest seed GRPO derives: fits the generator
     assert math.log2(worst * 1_000_003 + 10**6) < 63
+
+
+def test_a_key_with_a_newline_is_named_on_one_line():
+    """Found by the fuzz test above: an unknown key holding a newline made the error two lines."""
+    bad = {**VALID, "method": {**VALID["method"], "train": {**VALID["method"]["train"], "\n": None}}}
+    with pytest.raises(RetainError) as err:
+        parse_experiment(bad)
+    message = str(err.value)
+    assert "\n" not in message and "method.train.'\\n': Extra inputs are not permitted" in message, message

@@ -35,6 +35,7 @@ def field_error(
     drops union tags, say); ``indices`` writes list positions as ``stages[1].task`` instead of ``stages.1.task``."""
     first = err.errors()[0]
     parts = path(first["loc"]) if path else [str(p) for p in first["loc"]]
+    parts = [p if p.isprintable() else repr(p) for p in parts]  # a key holding a newline stays on the one line
     if indices:
         field = "".join(f"[{p}]" if p.isdigit() else f".{p}" for p in parts).lstrip(".")
     else:
