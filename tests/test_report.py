@@ -346,3 +346,17 @@ def test_html_is_self_contained(built_report: Path) -> None:
     assert text.count("<figcaption>") == 7
     for word in ("reproduced", "operating point", "Caveats", "How to read this", "entropy &lt; 0.5 nats"):
         assert word in text
+
+
+def test_descriptive_tables_never_give_a_verdict(built_report: Path) -> None:
+    """Operating-point and equal-lr rows describe the sweep (forgetting follows lr × steps): their column says
+    which way the numbers point, and the words of a verdict appear only in the matched-gain table above them."""
+    from retain.report.html import descriptive
+
+    assert descriptive("reproduced") == "points the paper's way" and descriptive("inconclusive") == "unclear"
+    md = (built_report / "report.md").read_text()
+    rows = md.split("## Descriptive comparisons", 1)[1].split("Rules:", 1)[0]
+    assert "pattern (description, not a verdict)" in rows
+    assert "**reproduced**" not in rows and "**not reproduced**" not in rows
+    html = (built_report / "report.html").read_text()
+    assert "pattern (description, not a verdict)" in html.split("Descriptive comparisons", 1)[1]

@@ -165,18 +165,30 @@ def learned_html(agg: dict[str, Any]) -> str:
          "lr of the best checkpoints", "learned?"], rows, ' id="learned"'))
 
 
-def findings_table(fs: list[dict[str, Any]], table_id: str = "findings") -> str:
+# The descriptive tables compare methods at their own operating points or at equal lr, where forgetting follows
+# lr × steps: their rows say which way the numbers point, never "reproduced" (only matched-gain verdicts decide).
+PATTERN = {"reproduced": "points the paper's way", "not reproduced": "points against the paper",
+           "inconclusive": "unclear"}
+
+
+def descriptive(verdict: str) -> str:
+    """A descriptive row's label for what its rule computed (see PATTERN)."""
+    return PATTERN.get(verdict, verdict)
+
+
+def findings_table(fs: list[dict[str, Any]], table_id: str = "findings", verdicts: bool = True) -> str:
     rows = []
     for f in fs:
+        label = f["verdict"] if verdicts else descriptive(f["verdict"])
         rows.append([
             (esc(f["id"]), ""),
             (esc(f["claim"]) + f'<div class="rule">Rule: {esc(f["rule"])}</div>', ""),
             (esc(f["paper"]), ""),
             (esc(f["measured"]), ""),
-            (esc(f["verdict"]), f"verdict {VERDICT_CLASS[f['verdict']]}"),
+            (esc(label), f"verdict {VERDICT_CLASS[f['verdict']]}"),
         ])
-    return _table(["#", "claim (and the rule that decides it)", "paper", "measured here (95% intervals)", "verdict"],
-                  rows, f' id="{table_id}"')
+    return _table(["#", "claim (and the rule that decides it)", "paper", "measured here (95% intervals)",
+                   "verdict" if verdicts else "pattern (description, not a verdict)"], rows, f' id="{table_id}"')
 
 
 def _metric_cells(g: dict[str, Any] | None, keys: list[tuple[str, float]]) -> list[tuple[str, str]]:
@@ -342,7 +354,7 @@ prior skills got worse; FM ≤ 0, negative = forgetting.</p>
 <h2>Descriptive comparisons (not verdicts)</h2>
 <p class="rule">At each method's operating point and at equal learning rates. Forgetting follows lr × steps with
 Adam, so these rows describe the sweep; the verdicts above are the ones decided at matched gain.</p>
-{findings_table(fs)}
+{findings_table(fs, verdicts=False)}
 
 <h2>Methods compared</h2>
 <div class="note">{esc(_cap(rules['operating_point']))}. {esc(_cap(rules['pareto']))}.
@@ -400,10 +412,11 @@ def render_markdown(agg: dict[str, Any], fs: list[dict[str, Any]]) -> str:
                          f"{row['seeds']} seeds — {'learned' if row['learned'] else row['reason']}")
     lines += ["", "## Descriptive comparisons at the operating points (not verdicts)", "",
               f"{agg['rules']['operating_point'][0].upper()}{agg['rules']['operating_point'][1:]}.", "",
-              "| # | claim | paper | measured (95% intervals) | verdict |", "|---|---|---|---|---|"]
+              "| # | claim | paper | measured (95% intervals) | pattern (description, not a verdict) |",
+              "|---|---|---|---|---|"]
     for f in fs:
         lines.append(f"| {cell(f['id'])} | {cell(f['claim'])} | {cell(f['paper'])} | {cell(f['measured'])} | "
-                     f"**{cell(f['verdict'])}** |")
+                     f"{cell(descriptive(f['verdict']))} |")
     lines += ["", "Rules:", ""] + [f"- {cell(f['id'])}: {cell(f['rule'])}" for f in (agg.get("matched") or [])]
     lines += ["- operating-point rows: the rules are printed under each claim in report.html"]
     if agg.get("rewards"):
