@@ -20,7 +20,7 @@ import time
 import torch
 
 from retain.evaluate import evaluate
-from retain.pretrain import PretrainConfig, SORT_MIXTURE, pretrain
+from retain.pretrain import SORT_MIXTURE, PretrainConfig, pretrain
 
 
 def main() -> int:

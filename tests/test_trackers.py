@@ -117,6 +117,7 @@ def test_mlflow_holds_it(tracked):
     out, results = tracked
     client = MlflowClient(tracking_uri=(out / "mlruns").resolve().as_uri())
     (run,) = client.search_runs([client.get_experiment_by_name("eco").experiment_id])
+    assert run.info.status == "FINISHED"
     same({name: [(m.step, m.value) for m in client.get_metric_history(run.info.run_id, name)] for name in SERIES},
          expected(out, results))
     matrix = json.loads(Path(client.download_artifacts(run.info.run_id, "accuracy_matrix.json", str(out))).read_text())
@@ -280,3 +281,24 @@ def test_every_tracker_is_a_name_and_a_missing_one_names_the_extra(tmp_path, mon
         cfg = parse_experiment({"report_to": [name], "stages": [{"task": "arith"}]})
         with pytest.raises(RetainError, match=rf"{name} needs the {name} package: pip install 'retain\[tracking\]'"):
             Tracking(cfg, tmp_path / "run")
+
+
+@needs("mlflow")
+def test_a_run_that_raises_is_closed_as_failed(tmp_path, monkeypatch):
+    """A run that dies of an error (here a full disk as results.json is written) is closed in its trackers as
+    failed, not left RUNNING; the finished run of the fixture is FINISHED."""
+    from mlflow.tracking import MlflowClient
+
+    from retain.io import reset_fault_counts
+
+    config = {"name": "dies", "model": "base", "report_to": ["mlflow"],
+              "method": {"name": "sft", "batch_size": 2, "train": {"lr": 1e-3}},
+              "stages": [{"task": "arith", "steps": 1}], "eval": {"tasks": ["arith"], "n": 2}, "shift": {"prompts": 1}}
+    out = tmp_path / "run"
+    monkeypatch.setenv("RETAIN_FAULT", "results:1:enospc")
+    reset_fault_counts()
+    with pytest.raises(OSError):
+        retain.run(config, out)
+    client = MlflowClient(tracking_uri=(out / "mlruns").resolve().as_uri())
+    (run,) = client.search_runs([client.get_experiment_by_name("dies").experiment_id])
+    assert run.info.status == "FAILED"

@@ -90,6 +90,17 @@ def run_experiment(
     tracking = Tracking(cfg, out, tracking_store) if cfg.report_to else None  # a missing tracker fails here
     if tracking is not None:
         say = tracking.listen(say)
+    try:
+        return _main_rank_run(cfg, out, eval_cache, say, tracking)
+    except BaseException:
+        if tracking is not None:  # a run that raised is closed in its trackers as failed, not left running
+            tracking.close(failed=True)
+        raise
+
+
+def _main_rank_run(cfg: ExperimentConfig, out: Path, eval_cache: str | Path | None, say: Progress,
+                   tracking: Tracking | None) -> dict[str, Any]:
+    """The main rank's run: lock, check or write the directory, the starting row, every stage, the results."""
     model, tokenizer = cfg.load_model()
     with run_lock(out):
         done = prepare_run_dir(cfg, out)  # refuses a directory holding another config, finished or not

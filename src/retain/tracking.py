@@ -78,7 +78,7 @@ class TensorBoard:
     def flush(self) -> None:
         self.writer.flush()
 
-    def close(self) -> None:
+    def close(self, failed: bool = False) -> None:
         self.writer.close()
 
 
@@ -116,8 +116,8 @@ class MLflow:
     def flush(self) -> None:
         pass
 
-    def close(self) -> None:
-        self.client.set_terminated(self.run_id)
+    def close(self, failed: bool = False) -> None:
+        self.client.set_terminated(self.run_id, status="FAILED" if failed else "FINISHED")
 
 
 class WandB:
@@ -145,8 +145,8 @@ class WandB:
     def flush(self) -> None:
         pass
 
-    def close(self) -> None:
-        self.run.finish()
+    def close(self, failed: bool = False) -> None:
+        self.run.finish(exit_code=1 if failed else 0)
 
 
 class Trackio:
@@ -166,7 +166,7 @@ class Trackio:
     def flush(self) -> None:
         pass
 
-    def close(self) -> None:
+    def close(self, failed: bool = False) -> None:  # trackio has no failed state: the run just ends
         with said_to_log():
             self.run.finish()
         if self.trackio.context_vars.current_run.get() is self.run:  # else trackio finishes it again at exit
@@ -296,9 +296,10 @@ class Tracking:
             backend.table("accuracy_matrix", markdown, table)
         self.close()
 
-    def close(self) -> None:
+    def close(self, failed: bool = False) -> None:
+        """Close every backend once; ``failed``: the run raised (MLflow marks it FAILED, W&B exits 1)."""
         for backend in self.backends:
-            backend.close()
+            backend.close(failed)
         self.backends = []
 
 

@@ -33,7 +33,12 @@ from typing import Any
 
 from retain.metrics import mean_ci
 from retain.metrics.frontier import (
-    MATCHED_RULE, Point, combined_verdict, matched_contrast, nested_predictor, target_gains,
+    MATCHED_RULE,
+    Point,
+    combined_verdict,
+    matched_contrast,
+    nested_predictor,
+    target_gains,
 )
 
 LEARNED_MIN_GAIN = 0.10  # +10 pts held-out (test half) at the top of the frontier: "the method learned the task"
