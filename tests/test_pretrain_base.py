@@ -75,3 +75,22 @@ def test_cli_eval_json_shape(tmp_path):
     scores = json.loads(out.stdout)
     assert set(scores) == {"arith", "reverse"}
     assert {"accuracy", "pass_at_k", "k", "n"} <= set(scores["arith"]) and scores["arith"]["k"] == 2
+
+
+def test_a_second_phase_continues_a_model_and_keeps_its_history(tmp_path):
+    """``init``: the phase starts from the given model (not from scratch) and its pretrain.json carries the
+    phases before it, oldest first; the CLI refuses --phase sort without --init in one line."""
+    from retain.pretrain import SORT_MIXTURE, PretrainConfig, pretrain
+
+    cfg = PretrainConfig(init="base", steps=1, batch_size=4, lr=1e-9, schedule="constant", warmup_steps=0,
+                         mixture=dict(SORT_MIXTURE), eval_n=4, eval_samples=0)
+    result = pretrain(cfg, tmp_path / "phase2")
+    record = json.loads((tmp_path / "phase2" / "pretrain.json").read_text())
+    assert record["config"]["init"] == "base" and record["config"]["steps"] == 1
+    assert [p["config"]["steps"] for p in record["earlier_phases"]] == [2000, 320]  # the shipped base's two phases
+    assert result["eval"]["facts"]["accuracy"] == 1.0  # a 1e-9 step from the base keeps its facts: not from scratch
+    out = subprocess.run([sys.executable, "-m", "retain.cli", "pretrain", "--phase", "sort", "--out",
+                          str(tmp_path / "x")], capture_output=True, text=True,
+                         env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert out.returncode == 2 and "--phase sort continues a model: give --init DIR" in out.stderr
+    assert len(out.stderr.strip().splitlines()) == 1 and not (tmp_path / "x").exists()
