@@ -25,7 +25,7 @@ def main() -> int:
     PRESETS["reduced-full"] = DemoPreset(
         name="reduced-full", sequence=["sort"], methods=["sft", "grpo"], steps=full.steps,
         checkpoints=full.checkpoints, seeds=[int(s) for s in args.seeds.split(",")],
-        lrs=[float(x) for x in args.lrs.split(",")], n_per_task={"reverse": 300, "sort": 400, "sort@train": 200},
+        lrs=[float(x) for x in args.lrs.split(",")],
     )
     summary = run_demo(args.out, preset="reduced-full")
     print(json.dumps({"wall_seconds": summary["wall_seconds"], "peak_rss_mb": summary["peak_rss_mb"]}))

@@ -30,7 +30,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from retain import tasks as task_registry
 from retain.data import encode_answer, encode_prompt
 from retain.methods.sft import Pair, SFTObjective
-from retain.models.loading import load_model
+from retain.models.loading import load_model, resolve_model_path
 from retain.models.tiny import PRESETS, make_model
 from retain.models.tokenizer import build_tokenizer
 from retain.rundir import save_model_dir
@@ -114,8 +114,6 @@ def mixture_sampler(tokenizer, mixture: dict[str, float]) -> Callable[[random.Ra
 def init_phases(init: str) -> list[dict[str, Any]]:
     """The pretraining record(s) of the model a continuation starts from (its ``pretrain.json``, phases flattened
     oldest first); none for a model retain did not pretrain."""
-    from retain.models.loading import resolve_model_path
-
     path = Path(resolve_model_path(init)) / "pretrain.json"
     if not path.is_file():
         return []
