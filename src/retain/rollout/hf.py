@@ -132,7 +132,7 @@ class KVCacheSamplerEngine(RolloutEngine):
             )
             logits = out.logits[:, -1, :]
             next_pos = next_pos + 1
-        return [self.cut(row) for row in tokens.tolist()]
+        return tokens.tolist()  # cut at eos once, by RolloutEngine.run
 
     def _new_cache(self, capacity: int) -> Cache:
         """A buffer cache of ``capacity`` positions when every layer is full attention, else transformers' own."""
