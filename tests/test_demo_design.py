@@ -13,7 +13,7 @@ from retain.errors import RetainError
 from retain.sweep import expand
 
 
-@pytest.mark.parametrize("name", ["default", "full"])
+@pytest.mark.parametrize("name", ["default", "core", "full"])
 def test_every_method_gets_the_same_steps_warmup_and_lr_grid(name: str) -> None:
     preset = PRESETS[name]
     runs = expand(demo_sweep(preset, preset.methods), name)
@@ -33,7 +33,7 @@ def test_every_method_gets_the_same_steps_warmup_and_lr_grid(name: str) -> None:
     assert all(v == lrs for v in per_method.values())  # one grid for every method
 
 
-@pytest.mark.parametrize("name", ["quick", "default", "full"])
+@pytest.mark.parametrize("name", ["quick", "default", "core", "full"])
 def test_evaluation_is_fixed_full_splits_with_checkpoints_and_nll(name: str) -> None:
     preset = PRESETS[name]
     first, other = (parse_experiment(preset.experiment("x", "sft", preset.lrs[0], s, "base")) for s in (0, 1))
@@ -48,6 +48,8 @@ def test_evaluation_is_fixed_full_splits_with_checkpoints_and_nll(name: str) -> 
 def test_the_core_contrast_has_its_seeds_and_the_full_preset_eight() -> None:
     assert {"sft", "grpo"} <= set(PRESETS["default"].methods)
     assert len(PRESETS["full"].seeds) >= 8 and len(PRESETS["full"].sequence) >= 2
+    core = PRESETS["core"]  # finding 2 with power: 8 seeds at --full's stage budget
+    assert core.methods == ["sft", "grpo"] and len(core.seeds) >= 8 and core.steps == PRESETS["full"].steps
     assert {"sft", "grpo", "self_sft", "iterative_sft", "eaft", "conflict_sft", "replay", "multitask", "sft_likely",
             "sft_unlikely", "grpo_positive", "sdft_live", "sft_varied", "dft", "psft", "chord", "sdft"} == set(
         PRESETS["full"].methods)

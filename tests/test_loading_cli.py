@@ -54,6 +54,8 @@ def test_saved_model_round_trips(tmp_path, micro_model, tokenizer):
         (["eval", "--bogus"], "No such option: --bogus"),
         (["pretrain", "--steps", "0"], "'--steps'"),
         (["eval", "--tasks", "data.jsonl"], "data.jsonl"),
+        (["demo", "--quick", "--preset", "core"], "exclude each other"),
+        (["demo", "--preset", "huge"], "unknown demo preset 'huge'"),
     ],
 )
 def test_cli_bad_input_gives_one_line_and_exit_2(tmp_path, args, needle):

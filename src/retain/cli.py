@@ -206,7 +206,9 @@ def compare(
 def demo(
     out: Path = typer.Option(Path("runs/demo"), help="demo directory (re-running resumes it)"),
     quick: bool = typer.Option(False, "--quick", help="a few minutes: one seed, two learning rates, SFT and GRPO"),
-    full: bool = typer.Option(False, "--full", help="8 seeds, 5 learning rates, 8 methods, sort → GeneralPoints (hours here)"),
+    full: bool = typer.Option(False, "--full", help="8 seeds, 5 learning rates, 17 methods, sort → GeneralPoints (days here)"),
+    preset_name: Optional[str] = typer.Option(None, "--preset", help="a preset by name: quick, default, core (SFT "
+                                              "against GRPO with 8 seeds at 160 steps, ~75 min here), full"),
     methods: Optional[str] = typer.Option(None, help="comma-separated methods (default: the preset's)"),
     workers: int = typer.Option(2, min=1, help="runs in parallel (one torch thread each)"),
     backend: str = typer.Option("local", help="where the runs execute: local (processes) or ray"),
@@ -223,9 +225,9 @@ def demo(
     from retain.demo import run_demo
     from retain.tracking import parse_report_to
 
-    if quick and full:
-        raise RetainError("--quick and --full exclude each other")
-    preset = "quick" if quick else "full" if full else "default"
+    if quick + full + (preset_name is not None) > 1:
+        raise RetainError("--quick, --full and --preset exclude each other")
+    preset = preset_name or ("quick" if quick else "full" if full else "default")
     console = Console(stderr=True)
     bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                    TimeRemainingColumn(), console=console)
