@@ -11,7 +11,7 @@ same config in a fresh directory and strikes it with one fault (below), inspects
 maybe damages it further, resumes it with a plain ``retain run`` until it finishes, and compares. Trial kinds:
 
 - ``random``: SIGKILL from outside after a uniform delay over the reference's wall time (1.1×: some land late);
-- ``point``: SIGKILL at the N-th arrival at a named moment (``retain.io.fault_point``: mid-evaluation, a stage's
+- ``point``: SIGKILL at the N-th arrival at a named moment (``retain.files.fault_point``: mid-evaluation, a stage's
   model or state directory written but not renamed, a trainer checkpoint written / half swapped, a JSON temp file
   written but not renamed, before stage.json, before results.json), N drawn over the reference's count;
 - ``double``: two such kills in a row before the resume;
@@ -119,7 +119,7 @@ def inspect(out: Path, allow_damage: bool = False) -> list[str]:
     """What a fault may never leave: files outside ``*.tmp`` that do not parse, load or match their manifest."""
     from safetensors import safe_open
 
-    from retain.io import verify_manifest
+    from retain.files import verify_manifest
 
     problems = []
     if not out.exists():
@@ -168,7 +168,7 @@ def final_problems(out: Path) -> list[str]:
 
 
 def log_records(out: Path) -> list[dict[str, Any]]:
-    from retain.io import read_jsonl
+    from retain.files import read_jsonl
 
     return read_jsonl(out / "steps.jsonl")
 
@@ -331,7 +331,7 @@ def run_trial(trial: Trial, config: Path, work: Path, ref: tuple, rng: random.Ra
         if not same_log:
             trial.problems.append("training log differs from the reference")
         trial.problems += final_problems(out)
-    from retain.io import read_jsonl
+    from retain.files import read_jsonl
 
     trial.warnings = [e["message"] for e in read_jsonl(out / "events.jsonl")]
     # the damaged file was used and reported, or replaced (the resume point came before it), never kept as it was

@@ -21,10 +21,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from retain import io as rio
+from retain import files as rio
 from retain.config import parse_experiment
 from retain.errors import RetainError
-from retain.io import append_jsonl, read_jsonl, verify_manifest, write_manifest
+from retain.files import append_jsonl, read_jsonl, verify_manifest, write_manifest
 from retain.rundir import remove_temp_leftovers, run_lock
 from retain.runner import run_experiment
 from retain.train import TrainConfig, Trainer, recover_checkpoint

@@ -13,7 +13,7 @@ import pytest
 import retain
 from retain.config import parse_experiment
 from retain.errors import RetainError
-from retain.io import read_jsonl, verify_manifest
+from retain.files import read_jsonl, verify_manifest
 from retain.preflight import FLAT_LIMIT, WATCH_STEPS, FlatGroupWatch, signal_warning
 from retain.runner import run_experiment
 from retain.tasks import get

@@ -9,7 +9,7 @@ import torch
 
 from retain.config import parse_experiment
 from retain.eval_cache import cached_row, parameter_digest
-from retain.io import read_json
+from retain.files import read_json
 from retain.runner import run_experiment
 
 

@@ -32,7 +32,7 @@ def test_short_pretraining_writes_a_loadable_model_deterministically(tmp_path):
     wc = load_file(tmp_path / "c" / "model.safetensors")
     assert any(not (wa[k] == wc[k]).all() for k in wa)
     assert not (tmp_path / "a.tmp").exists()
-    from retain.io import verify_manifest
+    from retain.files import verify_manifest
 
     assert verify_manifest(tmp_path / "a") is None  # published like a stage's model: with its files' sha256
 

@@ -15,7 +15,7 @@ import torch
 import yaml
 
 from retain.config import parse_experiment
-from retain.io import read_jsonl
+from retain.files import read_jsonl
 from retain.runner import run_experiment
 
 COMPARED = ("tasks", "eval_tasks", "matrix", "eval_n", "metrics", "shift")

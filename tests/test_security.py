@@ -177,7 +177,7 @@ def test_trust_remote_code_is_off_unless_asked():
 def test_checkpoint_pickles_are_loaded_weights_only(tmp_path, micro_model, tokenizer, sentinel):
     """A checkpoint whose optimizer.pt was swapped for a booby-trapped pickle (manifest rewritten to match): the
     resume refuses it with torch's weights-only unpickler, and nothing runs."""
-    from retain.io import write_manifest
+    from retain.files import write_manifest
     from retain.methods.sft import SFTObjective
     from retain.train import TrainConfig, Trainer
 

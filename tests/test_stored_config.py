@@ -10,7 +10,7 @@ import yaml
 
 from retain.config import parse_experiment
 from retain.errors import RetainError
-from retain.io import read_jsonl
+from retain.files import read_jsonl
 from retain.runner import run_experiment
 from retain.stored_config import config_difference, resolved
 

@@ -165,7 +165,7 @@ def test_kill_and_resume_gives_the_same_results(micro_dir, tmp_path):
 def test_crash_while_evaluating_a_checkpointed_step_resumes_it(micro_dir, tmp_path, monkeypatch):
     """The Trainer checkpoints step 4 before its evaluation runs: a crash in between must not lose the point. The
     crash is the project's fault point ``eval`` (a full disk raised at the first task of step 4's evaluation)."""
-    from retain.io import reset_fault_counts
+    from retain.files import reset_fault_counts
 
     data = experiment(micro_dir, steps=(4, 2), eval_every=2, shift_prompts=2)
     cfg = parse_experiment(data)

@@ -19,7 +19,7 @@ import pytest
 import retain
 from retain.config import parse_experiment
 from retain.errors import RetainError
-from retain.io import read_json, read_jsonl
+from retain.files import read_json, read_jsonl
 from retain.tracking import TRACKERS, Tracking, parse_report_to
 
 INSTALLED = [name for name in TRACKERS if importlib.util.find_spec(name) is not None]
@@ -289,7 +289,7 @@ def test_a_run_that_raises_is_closed_as_failed(tmp_path, monkeypatch):
     failed, not left RUNNING; the finished run of the fixture is FINISHED."""
     from mlflow.tracking import MlflowClient
 
-    from retain.io import reset_fault_counts
+    from retain.files import reset_fault_counts
 
     config = {"name": "dies", "model": "base", "report_to": ["mlflow"],
               "method": {"name": "sft", "batch_size": 2, "train": {"lr": 1e-3}},

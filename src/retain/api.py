@@ -64,14 +64,14 @@ class Results:
     @property
     def steps(self):
         """The training log (``steps.jsonl``): one row per logged step, with its stage and task."""
-        from retain.io import read_jsonl
+        from retain.files import read_jsonl
 
         return require_pandas().DataFrame(read_jsonl(self.dir / "steps.jsonl"))
 
     @property
     def events(self) -> list[dict[str, Any]]:
         """What the run warned about (``events.jsonl``): damaged stages redone, GRPO stages with no signal..."""
-        from retain.io import read_jsonl
+        from retain.files import read_jsonl
 
         return read_jsonl(self.dir / "events.jsonl")
 

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from retain.errors import RetainError
-from retain.io import read_json
+from retain.files import read_json
 
 COLUMNS = [
     "run", "name", "method", "seed", "stages", "average_accuracy", "forgetting_measure", "backward_transfer",

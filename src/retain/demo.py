@@ -32,7 +32,7 @@ from typing import Any, Callable
 from pydantic import BaseModel, ConfigDict, Field
 
 from retain.errors import RetainError
-from retain.io import atomic_write_json
+from retain.files import atomic_write_json
 from retain.sweep import SweepConfig, expand, run_sweep
 
 METHODS = ["sft", "grpo"]  # the default and quick presets: the core contrast (finding 2) at matched gain

@@ -21,7 +21,7 @@ from typing import Any, Callable
 
 import torch
 
-from retain.io import atomic_write_json, read_json
+from retain.files import atomic_write_json, read_json
 
 
 def parameter_digest(model: torch.nn.Module) -> str:

@@ -11,7 +11,7 @@ from retain import metrics as M
 from retain import tasks as task_registry
 from retain.config import ExperimentConfig
 from retain.evaluate import flips
-from retain.io import read_json
+from retain.files import read_json
 from retain.rundir import versions
 from retain.stage_eval import eval_seed
 

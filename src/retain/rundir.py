@@ -24,7 +24,7 @@ import yaml
 
 from retain.config import ExperimentConfig
 from retain.errors import RetainError
-from retain.io import (
+from retain.files import (
     append_jsonl,
     atomic_write_json,
     atomic_write_text,

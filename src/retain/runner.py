@@ -37,7 +37,7 @@ from retain import distributed
 from retain.config import ExperimentConfig
 from retain.errors import RetainError
 from retain.eval_cache import cached_row, stored_row
-from retain.io import append_jsonl, atomic_write_json, fault_point, read_json, remove_dir
+from retain.files import append_jsonl, atomic_write_json, fault_point, read_json, remove_dir
 from retain.methods.build import train_stage
 from retain.methods.stage import MethodState
 from retain.modelcard import model_card

@@ -13,7 +13,7 @@ from retain import distributed
 from retain import tasks as task_registry
 from retain.config import LM_EVAL_PREFIX, ExperimentConfig
 from retain.evaluate import DEFAULT_MAX_NEW_TOKENS, answer_nll, evaluate_task
-from retain.io import atomic_write_json, fault_point, read_json
+from retain.files import atomic_write_json, fault_point, read_json
 from retain.metrics.lmeval import lm_eval_cells
 from retain.metrics.shift import kl_shift, weight_l2
 from retain.models.adapters import frozen_copy

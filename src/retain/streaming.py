@@ -49,7 +49,7 @@ from retain import tasks as task_registry
 from retain.config import ExperimentConfig
 from retain.distributed import make_accelerator
 from retain.errors import RetainError
-from retain.io import append_jsonl, atomic_write_json, atomic_write_text, read_json, remove_dir, verify_manifest
+from retain.files import append_jsonl, atomic_write_json, atomic_write_text, read_json, remove_dir, verify_manifest
 from retain.methods.build import build_objective, streaming_refusals
 from retain.models.adapters import frozen_copy
 from retain.methods.config import MethodConfig

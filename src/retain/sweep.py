@@ -55,7 +55,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from retain.config import ExperimentConfig, parse_experiment
 from retain.errors import RetainError
-from retain.io import atomic_write_json
+from retain.files import atomic_write_json
 from retain.stored_config import config_difference
 from retain.yaml_input import field_error, read_yaml
 

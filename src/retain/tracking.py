@@ -39,7 +39,7 @@ from typing import Any, Callable
 
 from retain.config import ExperimentConfig
 from retain.errors import RetainError
-from retain.io import read_json
+from retain.files import read_json
 
 INSTALL = "pip install 'retain[tracking]'"
 TRACKERS = ("tensorboard", "mlflow", "trackio", "wandb")

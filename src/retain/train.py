@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
-from retain.io import atomic_write_json, fault_point, read_json, remove_dir, verify_manifest, write_manifest
+from retain.files import atomic_write_json, fault_point, read_json, remove_dir, verify_manifest, write_manifest
 
 
 class NonFiniteLoss(RuntimeError):

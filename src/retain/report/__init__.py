@@ -12,7 +12,7 @@ __all__ = ["build_report"]
 
 def build_report(root: str | Path) -> Path:
     """Build the report of the demo (or plain run) directory ``root``; returns the path of ``report.html``."""
-    from retain.io import atomic_write_json
+    from retain.files import atomic_write_json
     from retain.report.aggregate import aggregate
     from retain.report.findings import findings
     from retain.report.html import write_html, write_markdown

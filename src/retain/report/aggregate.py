@@ -38,7 +38,7 @@ import numpy as np
 
 from retain.comparison import method_lr, method_names
 from retain.errors import RetainError
-from retain.io import read_json
+from retain.files import read_json
 from retain.losses import CONFLICT_ENTROPY_MAX, CONFLICT_PROB_MAX
 from retain.metrics import mean_ci
 from retain.report.matched import run_points

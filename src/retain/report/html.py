@@ -15,7 +15,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-from retain.io import atomic_write_text
+from retain.files import atomic_write_text
 from retain.metrics import t_critical
 from retain.report.aggregate import group
 from retain.report.findings import INCONCLUSIVE, NOT_REPRODUCED, REPRODUCED, fmt_lr, fmt_stat, predictor_table

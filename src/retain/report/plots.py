@@ -44,7 +44,7 @@ def _save(fig: Any, out_dir: Path, name: str) -> Path:
 
 
 def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Binary twin of :func:`retain.io.atomic_write_text` (temp file beside the target, fsync, rename)."""
+    """Binary twin of :func:`retain.files.atomic_write_text` (temp file beside the target, fsync, rename)."""
     import tempfile
 
     path.parent.mkdir(parents=True, exist_ok=True)

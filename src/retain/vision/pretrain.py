@@ -31,7 +31,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from retain import tasks as task_registry
 from retain.data import IGNORE, encode_answer, encode_prompt
-from retain.io import atomic_write_json
+from retain.files import atomic_write_json
 from retain.losses import sft_loss
 from retain.pretrain import check_mixture, pretrain_split
 from retain.train import TrainConfig, Trainer, lr_lambda, seed_everything

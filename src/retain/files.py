@@ -1,4 +1,5 @@
-"""Atomic file writes: write a temp file beside the target, fsync, then rename — a crash never leaves half a file.
+"""Crash-safe files (the module is not called ``io``, which would shadow the standard library's). Atomic file
+writes: write a temp file beside the target, fsync, then rename — a crash never leaves half a file.
 
 Also: checksum manifests for directories (``write_manifest`` / ``verify_manifest``: a model or checkpoint directory
 carries the sha256 and size of every file it holds, written last inside the temp directory before its rename, so a
