@@ -1,9 +1,11 @@
-"""A reduced grid of ``retain demo --full``'s stage-1 design, to show what the default's budget cannot: the sort
-stage at --full's 160 steps (GRPO 32 prompts × 8, SFT 32 sequences, 8 checkpoints), SFT and GRPO, one lr (1e-4, where
-the single-seed pilots had both methods learning) × seeds. Its report's verdicts use the same declared rules; with
-one lr the frontier runs along the checkpoints only, so it is a check of the path, not the --full verdict.
+"""A reduced grid of ``retain demo --full``: the full preset's design (its budgets per step, warmup, checkpoints,
+evaluation columns and declared findings) on fewer methods, seeds, lrs or steps, to show what the default's budget
+cannot at a compute this machine affords. Its report's verdicts use the same declared rules; with one lr the frontier
+runs along the checkpoints only, and with 2 seeds most intervals are wide, so it is a check of the path, not the
+--full verdict. The compute it used is in DIR/demo.json (wall time, peak memory) and printed at the end.
 
-    python scripts/reduced_full.py OUT [--seeds 0,1,2] [--lrs 1e-4]
+    python scripts/reduced_full.py OUT [--methods sft,grpo] [--sequence sort] [--steps 160] [--seeds 0,1,2]
+                                       [--lrs 1e-4] [--checkpoints 8]
 """
 
 from __future__ import annotations
@@ -16,17 +18,20 @@ from retain.demo import PRESETS, DemoPreset, run_demo
 
 
 def main() -> int:
+    full = PRESETS["full"]
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("out")
+    ap.add_argument("--methods", default="sft,grpo")
+    ap.add_argument("--sequence", default="sort", help="comma-separated stage tasks (--full: sort,gpoints)")
+    ap.add_argument("--steps", type=int, default=full.steps)
+    ap.add_argument("--checkpoints", type=int, default=full.checkpoints)
     ap.add_argument("--seeds", default="0,1,2")
     ap.add_argument("--lrs", default="1e-4")
     args = ap.parse_args()
-    full = PRESETS["full"]
-    PRESETS["reduced-full"] = DemoPreset(
-        name="reduced-full", sequence=["sort"], methods=["sft", "grpo"], steps=full.steps,
-        checkpoints=full.checkpoints, seeds=[int(s) for s in args.seeds.split(",")],
-        lrs=[float(x) for x in args.lrs.split(",")],
-    )
+    PRESETS["reduced-full"] = DemoPreset(**{
+        **full.model_dump(), "name": "reduced-full", "sequence": args.sequence.split(","),
+        "methods": args.methods.split(","), "steps": args.steps, "checkpoints": args.checkpoints,
+        "seeds": [int(s) for s in args.seeds.split(",")], "lrs": [float(x) for x in args.lrs.split(",")]})
     summary = run_demo(args.out, preset="reduced-full")
     print(json.dumps({"wall_seconds": summary["wall_seconds"], "peak_rss_mb": summary["peak_rss_mb"]}))
     return 0

@@ -289,6 +289,17 @@ def test_no_heldout_gain_is_not_reached(tmp_path: Path) -> None:
     assert max(f4["numbers"]["targets"]) < 0.08
 
 
+@pytest.mark.parametrize("preset,points_at_core", [("default", True), ("quick", True), ("core", False),
+                                                    ("full", False)])
+def test_not_reached_in_a_short_preset_points_at_the_core_preset(tmp_path: Path, preset: str,
+                                                                  points_at_core: bool) -> None:
+    agg = aggregate(law_demo(tmp_path, 3, methods=("sft", "eaft"), drop_scale={"eaft": 0.3}, big_g={"eaft": 0.04}))
+    agg["meta"]["preset"] = preset
+    f4 = by_id(agg)["4"]
+    assert f4["verdict"] == NOT_REACHED
+    assert ("`retain demo --preset core`" in f4["measured"]) is points_at_core
+
+
 def test_learned_reads_the_test_half_of_the_selection_choice(tmp_path: Path) -> None:
     # Per seed the best checkpoint on the selection half (step 10: +30 pts there) has only +5 pts on the test half;
     # a later checkpoint (step 20) is better on the test half but is not the one chosen.

@@ -44,6 +44,11 @@ from retain.metrics.frontier import (
 LEARNED_MIN_GAIN = 0.10  # +10 pts held-out (test half) at the top of the frontier: "the method learned the task"
 TARGET_FRACTIONS = (0.25, 0.5, 0.75)  # target gains: fractions of the smaller of the two methods' best mean gain
 NOT_REACHED = "not reached"
+# the presets that fit `make demo`'s minutes are short of GRPO's learning on the embedded model; a "not reached" there
+# points at the preset that gives the same contrast --full's stage budget and the seeds to decide it
+SHORT_PRESETS = ("quick", "default")
+SHORT_PRESETS_NOTE = ("this preset's budget fits minutes; `retain demo --preset core` runs the same contrast at 160 "
+                      "steps × 8 seeds (64 runs, about 75 min on 2 cores)")
 NOT_RUN = "not run"
 
 READOUTS = {
@@ -325,6 +330,8 @@ def decide(agg: dict[str, Any], f: MatchedFinding) -> dict[str, Any]:
     measured = f"{gain_text}. " + " | ".join(texts)
     if missed:
         measured = f"{NOT_REACHED} by {', '.join(missed)} ({gains[missed[0]]['reason']}); as description: {measured}"
+        if agg.get("meta", {}).get("preset") in SHORT_PRESETS and f.stage == 1:
+            measured += f" — {SHORT_PRESETS_NOTE}"
         verdict = NOT_REACHED
     return {**base, "verdict": verdict, "measured": measured,
             "numbers": {"targets": targets, "levels": levels, "beside": beside, "learned": gains}}
