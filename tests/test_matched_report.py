@@ -25,7 +25,7 @@ from retain.metrics.frontier import MATCHED_RULE
 from retain.report.aggregate import aggregate
 from retain.report.matched import (
     FINDINGS, LEARNED_MIN_GAIN, LEARNED_RULE, NOT_REACHED, decide, learned, learned_table, matched_findings, points_for,
-    predictor_finding, run_points,
+    predictor_finding, run_points, stage_end_shift,
 )
 from retain.results import compute_metrics
 
@@ -92,7 +92,8 @@ def make_results(method: str, lr: float, seed: int, tasks: list[str], trajectori
         "versions": {}, "tasks": list(tasks), "eval_tasks": cols, "matrix": matrix,
         "eval_n": [[row[c]["n"] for c in cols] for row in ends], "metrics": metrics,
         "shift": {"forward_kl": list(kl), "forward_kl_exact": list(kl), "reverse_kl": [0.5 * v for v in kl],
-                  "reverse_kl_exact": [0.5 * v for v in kl], "weight_l2": [math.sqrt(v) for v in kl]},
+                  "reverse_kl_exact": [0.5 * v for v in kl], "reverse_kl_per_token": [0.125 * v for v in kl],
+                  "weight_l2": [math.sqrt(v) for v in kl]},
         "train_seconds": [1.0] * len(tasks), "flips": {}, "trajectories": trajectories,
     }
 
@@ -621,3 +622,21 @@ def test_a_task_finding_is_decided_where_the_sequence_trains_that_task():
     assert resolved(f6, ["sort"]) is None
     f2 = next(f for f in FINDINGS if f.id == "2")
     assert resolved(f2, ["sort"]).stage == 1 and resolved(next(f for f in FINDINGS if f.id == "1"), ["sort"]) is None
+
+
+def test_stage_end_shift_reads_each_seeds_chosen_lr_at_that_stage() -> None:
+    runs = [{"method": "grpo", "lr": 1e-4, "seed": 0, "shift": {"reverse_kl_per_token": [0.02, 0.5]}},
+            {"method": "grpo", "lr": 1e-4, "seed": 1, "shift": {"reverse_kl_per_token": [0.04, 0.7]}},
+            {"method": "grpo", "lr": 2e-4, "seed": 1, "shift": {"reverse_kl_per_token": [0.09, 0.9]}},
+            {"method": "sft", "lr": 1e-4, "seed": 0, "shift": {"reverse_kl_per_token": [0.3, 0.3]}}]
+    chosen = [{"seed": 0, "lr": 1e-4}, {"seed": 1, "lr": 2e-4}]
+    assert stage_end_shift({"runs": runs}, chosen, "grpo", 1, "reverse_kl_per_token") == [0.02, 0.09]
+    assert stage_end_shift({"runs": runs}, chosen, "grpo", 2, "reverse_kl_per_token") == [0.5, 0.9]
+    assert stage_end_shift({"runs": runs}, chosen, "grpo", 3, "reverse_kl_per_token") == []  # no third stage
+
+
+def test_finding_2_describes_the_token_reverse_kl_beside_its_contrast(grpo_keeps_root: Path) -> None:
+    f2 = by_id(aggregate(grpo_keeps_root))["2"]
+    text = f2["measured"].split("token-level reverse KL from the base")[1]
+    assert "(description)" in text and text.count(" vs ") == 1
+    assert f2["verdict"] != NOT_REACHED or "as description" in f2["measured"]

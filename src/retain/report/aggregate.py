@@ -249,7 +249,8 @@ def aggregate(root: str | Path) -> dict[str, Any]:
         r["values"] = run_values(r["results"])
         rel = Path(r["dir"]).relative_to(root) if Path(r["dir"]).is_relative_to(root) else Path(r["dir"])
         run_rows.append({"method": r["method"], "lr": r["lr"], "seed": r["seed"], "dir": str(rel),
-                         "values": r["values"], "points": run_points(r["results"])})
+                         "values": r["values"], "points": run_points(r["results"]),
+                         "shift": r["results"].get("shift") or {}})
 
     by_key: dict[tuple[str, float | None], list[dict[str, Any]]] = {}
     for r in runs:

@@ -87,6 +87,36 @@ class MatchedFinding:
     # where the claim is about one task: it is decided at the first stage that trains that task, wherever the
     # preset's sequence puts it (``stage`` then only says which stage the papers read); see :func:`resolved`
     task: str | None = None
+    # shift readouts (results.json ``shift`` keys) described beside the contrast at the stage's end, for each seed's
+    # chosen lr: the shift is measured at stage ends only, not at the matched checkpoint, so it decides nothing
+    shift_beside: tuple[str, ...] = ()
+
+
+SHIFT_NAMES = {"reverse_kl_per_token": "token-level reverse KL from the base on the stage task's held-out prompts",
+               "forward_kl_per_token": "token-level forward KL from the base on the stage task's held-out prompts"}
+
+
+def stage_end_shift(agg: dict[str, Any], chosen: list[dict[str, Any]], method: str, stage: int, key: str) -> list[float]:
+    """``key`` of the shift at the end of ``stage`` in each seed's run at its chosen lr (from :func:`learned`)."""
+    rows = {(r["lr"], r["seed"]): r for r in agg["runs"] if r["method"] == method}
+    out = []
+    for c in chosen:
+        values = (rows.get((c["lr"], c["seed"])) or {}).get("shift", {}).get(key) or []
+        if len(values) >= stage and values[stage - 1] is not None:
+            out.append(float(values[stage - 1]))
+    return out
+
+
+def _shift_text(agg: dict[str, Any], f: MatchedFinding, gains: dict[str, dict[str, Any]], key: str) -> str | None:
+    parts = []
+    for m in (f.a, f.b):
+        ci = mean_ci(stage_end_shift(agg, gains[m].get("chosen") or [], m, f.stage, key))
+        if ci.n == 0:
+            return None
+        band = f" [{ci.low:.3f}, {ci.high:.3f}]" if ci.low is not None else ""
+        parts.append(f"{m} {ci.mean:.3f}{band}")
+    return (f"{SHIFT_NAMES.get(key, key)}, at the stage's end for each seed's chosen lr (description): "
+            f"{' vs '.join(parts)} nats")
 
 
 def resolved(f: MatchedFinding, sequence: list[str]) -> MatchedFinding | None:
@@ -103,7 +133,7 @@ FINDINGS: tuple[MatchedFinding, ...] = (
                    "first_task_drop", -1, ("prior_drop", "prior_nll")),
     MatchedFinding("2", "Prior-skill drop is smaller under RL (GRPO) than under SFT at the same new-task gain",
                    "Retaining: GRPO drop < 1 pt, SFT up to ~30–38 pts (Llama-3 / Qwen-2.5, 1–8B)", "grpo", "sft", 1,
-                   "prior_drop", -1, ("prior_nll",)),
+                   "prior_drop", -1, ("prior_nll",), shift_beside=("reverse_kl_per_token",)),
     MatchedFinding("2n", "The same contrast on the continuous readout: prior-skill answer NLL",
                    "Retaining (SPEC §3.2: NLL moves before greedy accuracy falls)", "grpo", "sft", 1,
                    "prior_nll", -1, ("prior_drop",)),
@@ -133,7 +163,7 @@ FINDINGS: tuple[MatchedFinding, ...] = (
                          "at ≥ 0, online rejection-sampling fine-tuning) at the same gain",
                    "Huan: on-policy RL keeps general skills (non-reasoning avg 45.7 → 53.2) where SFT loses them "
                    "(→ 21.1); token KL from the base RL 0.019 vs SFT 0.236 (IFEval)", "grpo", "grpo_positive", 1,
-                   "prior_nll", -1, ("prior_drop",)),
+                   "prior_nll", -1, ("prior_drop",), shift_beside=("reverse_kl_per_token",)),
     MatchedFinding("11", "Self-distillation with a live teacher (SDFT) forgets the first task more than GRPO "
                          "over a sequence",
                    "Denser ≠ Better: on a 4-stage sequence (Qwen3-4B) on-policy self-distillation forgets more than "
@@ -325,6 +355,10 @@ def decide(agg: dict[str, Any], f: MatchedFinding) -> dict[str, Any]:
         first = {m: learned(agg, m, 1) for m in (f.a, f.b)}
         missed += [f"{m} (stage 1)" for m, g in first.items() if not g["learned"] and m not in missed]
         gains.update({f"{m} (stage 1)": g for m, g in first.items()})
+    for key in f.shift_beside:
+        text = _shift_text(agg, f, gains, key)
+        if text is not None:
+            texts.append(text)
     gain_text = "; ".join(f"{m} best gain {_fmt(g['test']['mean'], 100)} pts (test half)" for m, g in gains.items()
                           if g.get("test"))
     measured = f"{gain_text}. " + " | ".join(texts)
