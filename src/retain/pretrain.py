@@ -31,7 +31,7 @@ from retain import tasks as task_registry
 from retain.data import encode_answer, encode_prompt
 from retain.methods.sft import Pair, SFTObjective
 from retain.models.loading import load_model, resolve_model_path
-from retain.models.tiny import PRESETS, make_model
+from retain.models.tiny import SHAPES, make_model
 from retain.models.tokenizer import build_tokenizer
 from retain.rundir import save_model_dir
 from retain.train import TrainConfig, Trainer, seed_everything
@@ -64,8 +64,8 @@ class PretrainConfig(BaseModel):
     @field_validator("preset")
     @classmethod
     def _known_preset(cls, v: str) -> str:
-        if v not in PRESETS:
-            raise ValueError(f"unknown preset {v!r} (presets: {', '.join(PRESETS)})")
+        if v not in SHAPES:
+            raise ValueError(f"unknown preset {v!r} (presets: {', '.join(SHAPES)})")
         return v
 
     @field_validator("mixture")

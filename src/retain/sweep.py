@@ -431,6 +431,74 @@ def _now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
+class _Ledger:
+    """``sweep.json``: every run's status, attempts, errors and timings, written atomically after each change, so an
+    interrupted sweep leaves a record of what finished, what failed and what was running."""
+
+    def __init__(self, path: Path, runs: list[SweepRun], skipped: set[str], header: dict[str, Any]) -> None:
+        self.path = path
+        self.records = [{
+            "name": r.name, "dir": r.name, "values": r.values, "status": "skipped" if r.name in skipped else "pending",
+            "attempts": 0, "errors": [], "seconds": None, "started": None, "finished": None,
+        } for r in runs]
+        self.summary: dict[str, Any] = {**header, "started": _now(), "wall_seconds": None, "runs": self.records,
+                                        "failed": []}
+        self.clock = time.perf_counter()
+
+    def save(self) -> None:
+        self.summary["wall_seconds"] = round(time.perf_counter() - self.clock, 2)
+        atomic_write_json(self.path, self.summary)
+
+    def start(self, i: int) -> dict[str, Any]:
+        rec = self.records[i]
+        rec.update(status="running", attempts=rec["attempts"] + 1, started=rec["started"] or _now())
+        self.save()
+        return rec
+
+    def finish(self, i: int, report: dict[str, Any], wall: float) -> bool:
+        """Record run ``i``'s report; True when it failed and gets another attempt."""
+        rec = self.records[i]
+        rec["finished"] = _now()
+        retry = False
+        if report.get("ok"):
+            rec.update(status="done", seconds=report.get("seconds", round(wall, 2)),
+                       peak_rss_mb=report.get("peak_rss_mb"), host=report.get("host"))
+        else:
+            retry = rec["attempts"] < MAX_ATTEMPTS
+            rec["errors"].append({"attempt": rec["attempts"], "error": report.get("error", "unknown error"),
+                                  "traceback": report.get("traceback"), "seconds": round(wall, 2)})
+            rec["status"] = "retrying" if retry else "failed"
+            if not retry:
+                self.summary["failed"].append(rec["name"])
+        self.save()
+        return retry
+
+    def interrupted(self, running: Any) -> None:
+        for i in running:  # what was running when the sweep stopped is not done
+            self.records[i]["status"] = "interrupted"
+        self.save()
+
+
+def _check_backend(backend: str, address: str | None, workers: int | None) -> None:
+    if backend not in ("ray", "local"):
+        raise RetainError(f"unknown backend {backend!r} (backends: ray, local)")
+    if workers is not None and workers < 0:
+        raise RetainError(f"--workers must be ≥ 0, got {workers}")
+    if backend == "ray" and workers == 0:
+        raise RetainError("--workers 0 (in this process) is for the local backend")
+    if address and backend != "ray":
+        raise RetainError("--address is for the ray backend")
+
+
+def _executor(backend: str, sweep: SweepConfig, address: str | None, workers: int | None, env: dict[str, str]) -> Any:
+    """Where the runs execute: a Ray cluster, this process (``workers`` 0) or a local spawn pool."""
+    if backend == "ray":
+        return _RayExecutor(sweep.resources, address, workers, env)
+    if workers == 0:
+        return _InProcess()
+    return _LocalPool(workers or 1, sweep.resources.threads)
+
+
 def run_sweep(
     config: SweepConfig | str | Path,
     out: str | Path,
@@ -453,51 +521,25 @@ def run_sweep(
     sweep = load_sweep(config) if isinstance(config, (str, Path)) else config
     if report_to is not None:
         sweep = sweep.model_copy(update={"base": {**sweep.base, "report_to": list(report_to)}})
-    if backend not in ("ray", "local"):
-        raise RetainError(f"unknown backend {backend!r} (backends: ray, local)")
-    if workers is not None and workers < 0:
-        raise RetainError(f"--workers must be ≥ 0, got {workers}")
-    if backend == "ray" and workers == 0:
-        raise RetainError("--workers 0 (in this process) is for the local backend")
-    if address and backend != "ray":
-        raise RetainError("--address is for the ray backend")
+    _check_backend(backend, address, workers)
     runs = expand(sweep, source)  # every error before anything is written
     if backend == "ray":
         _import_ray()
     out = Path(out).resolve()
     skipped = {r.name for r in runs if _finished(r, out / r.name)}
     say = progress or (lambda event, data: None)
-
-    records = [{
-        "name": r.name, "dir": r.name, "values": r.values, "status": "skipped" if r.name in skipped else "pending",
-        "attempts": 0, "errors": [], "seconds": None, "started": None, "finished": None,
-    } for r in runs]
-    started = time.perf_counter()
-    summary: dict[str, Any] = {
+    ledger = _Ledger(out / "sweep.json", runs, skipped, {
         "source": source, "backend": backend, "address": address, "workers": workers,
-        "resources": sweep.resources.model_dump(), "grid": sweep.grid, "base": sweep.base, "started": _now(),
-        "wall_seconds": None, "runs": records, "failed": [],
-    }
-
-    def save() -> None:
-        summary["wall_seconds"] = round(time.perf_counter() - started, 2)
-        atomic_write_json(out / "sweep.json", summary)
+        "resources": sweep.resources.model_dump(), "grid": sweep.grid, "base": sweep.base})
 
     queue = deque(i for i, r in enumerate(runs) if r.name not in skipped)
     env = {k: os.environ[k] for k in FORWARDED_ENV if k in os.environ}
     env["TOKENIZERS_PARALLELISM"] = "false"
-    threads = sweep.resources.threads
-    executor: Any = None
-    if queue:  # a cluster that cannot start or be reached is an error before sweep.json is written
-        if backend == "ray":
-            executor = _RayExecutor(sweep.resources, address, workers, env)
-        elif workers == 0:
-            executor = _InProcess()
-        else:
-            executor = _LocalPool(workers or 1, threads)
+    # a cluster that cannot start or be reached is an error before sweep.json is written
+    executor = _executor(backend, sweep, address, workers, env) if queue else None
     in_flight: dict[int, float] = {}
     try:
-        save()
+        ledger.save()
         say("plan", {"runs": len(runs), "skipped": len(skipped), "out": str(out)})
         for r in runs:
             if r.name in skipped:
@@ -505,39 +547,26 @@ def run_sweep(
         while queue or in_flight:
             while queue and len(in_flight) < executor.capacity:
                 i = queue.popleft()
-                rec = records[i]
-                rec.update(status="running", attempts=rec["attempts"] + 1, started=rec["started"] or _now())
                 in_flight[i] = time.perf_counter()
-                save()
+                rec = ledger.start(i)
                 say("start", {"name": rec["name"], "attempt": rec["attempts"]})
-                executor.submit(i, (runs[i].name, runs[i].config, str(out / runs[i].name), threads, env, os.getcwd()))
+                executor.submit(i, (runs[i].name, runs[i].config, str(out / runs[i].name), sweep.resources.threads,
+                                    env, os.getcwd()))
             for i, report in executor.wait_any():
-                rec = records[i]
-                wall = time.perf_counter() - in_flight.pop(i)
-                rec["finished"] = _now()
-                if report.get("ok"):
-                    rec.update(status="done", seconds=report.get("seconds", round(wall, 2)),
-                               peak_rss_mb=report.get("peak_rss_mb"), host=report.get("host"))
+                retry = ledger.finish(i, report, time.perf_counter() - in_flight.pop(i))
+                rec = ledger.records[i]
+                if retry:
+                    queue.append(i)  # at the back: the others go on first
+                if rec["status"] == "done":
                     say("done", {"name": rec["name"], "seconds": rec["seconds"], "attempt": rec["attempts"]})
                 else:
-                    retry = rec["attempts"] < MAX_ATTEMPTS
-                    rec["errors"].append({"attempt": rec["attempts"], "error": report.get("error", "unknown error"),
-                                          "traceback": report.get("traceback"), "seconds": round(wall, 2)})
-                    rec["status"] = "retrying" if retry else "failed"
-                    if retry:
-                        queue.append(i)  # at the back: the others go on first
-                    else:
-                        summary["failed"].append(rec["name"])
                     say("failed", {"name": rec["name"], "error": report.get("error"), "attempt": rec["attempts"],
                                    "retry": retry})
-                save()
     finally:
         if executor is not None:
             executor.close()
-        for i in in_flight:  # interrupted: what was running is not done
-            records[i]["status"] = "interrupted"
-        save()
-    done = sum(r["status"] == "done" for r in records)
-    say("finished", {"done": done, "skipped": len(skipped), "failed": len(summary["failed"])})
-    return summary
+        ledger.interrupted(in_flight)
+    done = sum(r["status"] == "done" for r in ledger.records)
+    say("finished", {"done": done, "skipped": len(skipped), "failed": len(ledger.summary["failed"])})
+    return ledger.summary
 

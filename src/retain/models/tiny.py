@@ -11,7 +11,7 @@ from transformers import Qwen2Config, Qwen2ForCausalLM, PreTrainedTokenizerBase
 from retain.errors import RetainError
 
 # name -> (hidden, layers, heads, kv_heads, intermediate). Sizes measured with the character vocabulary.
-PRESETS: dict[str, tuple[int, int, int, int, int]] = {
+SHAPES: dict[str, tuple[int, int, int, int, int]] = {
     "tiny": (192, 4, 6, 2, 512),  # ~1.8 M parameters: the embedded base model, minutes on 2 CPU cores
     "small": (256, 6, 8, 2, 768),  # ~4.9 M
     "medium": (384, 8, 6, 2, 1024),  # ~12.6 M
@@ -20,9 +20,9 @@ MAX_POSITIONS = 256
 
 
 def model_config(preset: str, tokenizer: PreTrainedTokenizerBase) -> Qwen2Config:
-    if preset not in PRESETS:
-        raise RetainError(f"unknown model preset {preset!r} (presets: {', '.join(PRESETS)})")
-    hidden, layers, heads, kv_heads, inter = PRESETS[preset]
+    if preset not in SHAPES:
+        raise RetainError(f"unknown model preset {preset!r} (presets: {', '.join(SHAPES)})")
+    hidden, layers, heads, kv_heads, inter = SHAPES[preset]
     return Qwen2Config(
         vocab_size=len(tokenizer),
         hidden_size=hidden,
