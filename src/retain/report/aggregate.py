@@ -218,6 +218,55 @@ def pareto_frontier(points: list[tuple[Any, float | None, float | None]]) -> lis
     return [k for _, _, k in sorted(front, key=lambda p: (p[0], p[1]))]
 
 
+def conflict_thresholds(meta: dict[str, Any], tokens: dict[str, Any]) -> dict[str, float]:
+    """The confident-conflict thresholds the demo used: demo.json's, else a token summary's, else the defaults."""
+    thresholds = dict(meta.get("thresholds") or {})
+    if not thresholds:
+        for t in tokens.values():
+            s = t.get("summary") or {}
+            if "entropy_max" in s:
+                thresholds = {"entropy_max": s["entropy_max"], "prob_max": s["prob_max"]}
+                break
+    thresholds.setdefault("entropy_max", CONFLICT_ENTROPY_MAX)
+    thresholds.setdefault("prob_max", CONFLICT_PROB_MAX)
+    return thresholds
+
+
+def lr_groups(runs: list[dict[str, Any]], methods: list[str]) -> list[dict[str, Any]]:
+    """One group per (method, lr): its seeds, each value's summary over them, the mean matrix."""
+    by_key: dict[tuple[str, float | None], list[dict[str, Any]]] = {}
+    for r in runs:
+        by_key.setdefault((r["method"], r["lr"]), []).append(r)
+    groups = []
+    for method in methods:
+        for lr in sorted({lr for m, lr in by_key if m == method}, key=_lr_key):
+            members = sorted(by_key[(method, lr)], key=lambda r: (r["seed"] is None, r["seed"]))
+            keys = list(dict.fromkeys(k for r in members for k in r["values"]))
+            stats = {}
+            for k in keys:
+                vals = [r["values"].get(k) for r in members]
+                vals = [v for v in vals if v is not None]
+                if vals:
+                    stats[k] = summarize_values(vals)
+            groups.append({"method": method, "lr": lr, "seeds": [r["seed"] for r in members],
+                           "n_seeds": len(members), "stats": stats, "matrix": _mean_matrix(members),
+                           "dirs": [str(r["dir"]) for r in members]})
+    return groups
+
+
+def eval_sizes(runs: list[dict[str, Any]]) -> dict[str, list[int]]:
+    """{column: [fewest, most] items evaluated} over every run and row."""
+    eval_n: dict[str, list[int]] = {}
+    for r in runs:
+        res = r["results"]
+        for j, col in enumerate(res["eval_tasks"]):
+            ns = [row[j] for row in res.get("eval_n") or [] if j < len(row)]
+            if ns:
+                lo, hi = eval_n.get(col, [min(ns), max(ns)])
+                eval_n[col] = [min(lo, min(ns)), max(hi, max(ns))]
+    return eval_n
+
+
 def aggregate(root: str | Path) -> dict[str, Any]:
     """Everything the report shows, as one JSON-ready dict (see the module docstring).
 
@@ -234,16 +283,7 @@ def aggregate(root: str | Path) -> dict[str, Any]:
         raise RetainError(f"{root}: no finished run (no results.json) to report on")
     tokens = meta.get("tokens") or {}
     meta_small = {k: v for k, v in meta.items() if k not in ("tokens", "runs")}
-    thresholds = dict(meta.get("thresholds") or {})
-    if not thresholds:
-        for t in tokens.values():
-            s = t.get("summary") or {}
-            if "entropy_max" in s:
-                thresholds = {"entropy_max": s["entropy_max"], "prob_max": s["prob_max"]}
-                break
-    thresholds.setdefault("entropy_max", CONFLICT_ENTROPY_MAX)
-    thresholds.setdefault("prob_max", CONFLICT_PROB_MAX)
-
+    thresholds = conflict_thresholds(meta, tokens)
     run_rows = []
     for r in runs:
         r["values"] = run_values(r["results"])
@@ -251,27 +291,8 @@ def aggregate(root: str | Path) -> dict[str, Any]:
         run_rows.append({"method": r["method"], "lr": r["lr"], "seed": r["seed"], "dir": str(rel),
                          "values": r["values"], "points": run_points(r["results"]),
                          "shift": r["results"].get("shift") or {}})
-
-    by_key: dict[tuple[str, float | None], list[dict[str, Any]]] = {}
-    for r in runs:
-        by_key.setdefault((r["method"], r["lr"]), []).append(r)
-    methods = _order_methods(sorted({m for m, _ in by_key}), meta)
-
-    groups = []
-    for method in methods:
-        for lr in sorted({lr for m, lr in by_key if m == method}, key=_lr_key):
-            members = sorted(by_key[(method, lr)], key=lambda r: (r["seed"] is None, r["seed"]))
-            keys = list(dict.fromkeys(k for r in members for k in r["values"]))
-            stats = {}
-            for k in keys:
-                vals = [r["values"].get(k) for r in members]
-                vals = [v for v in vals if v is not None]
-                if vals:
-                    stats[k] = summarize_values(vals)
-            groups.append({"method": method, "lr": lr, "seeds": [r["seed"] for r in members],
-                           "n_seeds": len(members), "stats": stats, "matrix": _mean_matrix(members),
-                           "dirs": [str(r["dir"]) for r in members]})
-
+    methods = _order_methods(sorted({r["method"] for r in runs}), meta)
+    groups = lr_groups(runs, methods)
     op, pareto = {}, {}
     for method in methods:
         mine = [g for g in groups if g["method"] == method]
@@ -282,16 +303,7 @@ def aggregate(root: str | Path) -> dict[str, Any]:
              (g["stats"].get("prior_drop") or {}).get("mean"))
             for g in mine
         ])
-
     first = runs[0]["results"]
-    eval_n: dict[str, list[int]] = {}
-    for r in runs:
-        res = r["results"]
-        for j, col in enumerate(res["eval_tasks"]):
-            ns = [row[j] for row in res.get("eval_n") or [] if j < len(row)]
-            if ns:
-                lo, hi = eval_n.get(col, [min(ns), max(ns)])
-                eval_n[col] = [min(lo, min(ns)), max(hi, max(ns))]
     sequence = list(meta.get("sequence") or first["tasks"])
     all_cols = list(dict.fromkeys(c for r in runs for c in r["results"]["eval_tasks"]))
     prior = list(dict.fromkeys(c for r in runs for c in (r["results"].get("metrics", {}).get("prior_columns") or [])))
@@ -314,7 +326,7 @@ def aggregate(root: str | Path) -> dict[str, Any]:
         "groups": groups,
         "operating_points": op,
         "pareto": pareto,
-        "eval_n": eval_n,
+        "eval_n": eval_sizes(runs),
         "shift_config": {"prompts": shift_cfg.get("prompts"), "samples": shift_cfg.get("samples")},
         "rules": {"operating_point": OPERATING_POINT_RULE, "pareto": PARETO_RULE},
         # what the runs warned about (a GRPO stage without signal) and the user reward functions they trained on
