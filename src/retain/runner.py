@@ -185,8 +185,8 @@ def run_stages(
         seed_everything(cfg.stage_seed(k))
         model = train_stage(
             model, tokenizer, task_name, method, stage_index=k, seen_tasks=cfg.stage_tasks()[:k], state=state,
-            seed=cfg.stage_seed(k), engine=cfg.engine, log=log if writes else None, device=cfg.device,
-            mixed_precision=cfg.mixed_precision,
+            seed=cfg.stage_seed(k), engine=cfg.rollout_engine(), kind=cfg.model_kind(), log=log if writes else None,
+            device=cfg.device, mixed_precision=cfg.mixed_precision,
             checkpoint_dir=stage_dir / "checkpoint" if method.train.checkpoint_every else None,
             on_step=points.on_step,
         )
@@ -196,7 +196,8 @@ def run_stages(
         shift = measure_shift(base, previous, model, tokenizer, task_name, cfg, k + 1)
         if not writes:
             continue
-        save_model_dir(model, tokenizer, stage_dir / "model", card=model_card(cfg, k + 1, row, shift))
+        save_model_dir(model, cfg.model_kind().saved_with(tokenizer), stage_dir / "model",
+                       card=model_card(cfg, k + 1, row, shift))
         save_state(state, stage_dir / "state")
         fault_point("stage_done")
         atomic_write_json(stage_dir / "stage.json", {

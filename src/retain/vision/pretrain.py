@@ -35,7 +35,7 @@ from retain.files import atomic_write_json
 from retain.losses import sft_loss
 from retain.pretrain import check_mixture, pretrain_split
 from retain.train import TrainConfig, Trainer, lr_lambda, seed_everything
-from retain.vision.model import VISION_EMBEDDED_DIR, VISION_PRESETS, build_vlm, text_view, vision_prompt_text
+from retain.vision.model import VISION_EMBEDDED_DIR, VISION_PRESETS, build_vlm, vision_prompt_text
 from retain.vision.render import COLORS, SHAPES, CardScene, NumberScene, ShapeScene
 
 VISION_MIXTURE = {
@@ -260,16 +260,15 @@ def evaluate_vlm(model, processor, n: int, samples: int, seed: int = 0, visual: 
                  ) -> dict[str, Any]:
     """Text prior skills (through the language model alone) and every split of the ``visual`` tasks (default: all)
     in ``VISUAL_EVAL`` (pass@K on the test splits; the OOD splits greedy only, as sampling dominates the time)."""
-    from retain.evaluate import evaluate
-    from retain.vision.engine import VisionEngine, evaluate_visual
+    from retain.vision.kind import VisionModels
 
-    scores = evaluate(text_view(model), processor.tokenizer, list(TEXT_EVAL), n=n, samples=samples, seed=seed)
-    engine = VisionEngine(model, processor)
+    evaluate = VisionModels(None, processor).evaluator(model, processor.tokenizer, "kv_cache")
+    scores = {name: evaluate(name, n=n, samples=samples, seed=seed) for name in TEXT_EVAL}
     for name, split in VISUAL_EVAL:
         if visual is not None and name not in visual:
             continue
-        scores[name if split == "test" else f"{name}@{split}"] = evaluate_visual(
-            engine, name, n, samples if split == "test" else 0, split, seed)
+        scores[name if split == "test" else f"{name}@{split}"] = evaluate(
+            name, n=n, samples=samples if split == "test" else 0, split=split, seed=seed)
     return scores
 
 
