@@ -106,8 +106,8 @@ def test_token_analysis_reads_visual_targets_given_the_picture():
 @pytest.mark.parametrize("change, refused", [
     ({"model": "base"}, "stages[0].task: task 'vcount' shows pictures, and model 'base' is a text model"),
     ({"method": "opd"}, "method: method 'opd' cannot train a vision-language model: loss.kind 'teacher_kl'"),
-    ({"method": {"name": "rl_sample_sft", "data": {"source_model": "vlm"}}}, "'rl_sample_sft' cannot train a "
-     "vision-language model: data.source_model"),
+    ({"method": {"name": "rl_sample_sft", "data": {"source_model": "vlm"}}},
+     "'rl_sample_sft' cannot train a vision-language model: data.source_model"),
     ({"method": "replay"}, "method 'replay' cannot train a vision-language model: replay.ratio > 0"),
     ({"mode": "streaming"}, "mode: model 'vlm' is a vision-language model; streaming mode trains text models only"),
     ({"engine": "vllm"}, "engine: model 'vlm' is a vision-language model; the vllm engine does not take pictures"),

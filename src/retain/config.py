@@ -2,7 +2,9 @@
 
 ```yaml
 name: quick
-model: base                 # 'base' (embedded), a HF model directory, or a hub name
+model: base                 # 'base' (embedded), a HF model directory, or a hub name; 'vlm' (the embedded
+                            # vision-language model) or a local VLM directory saved with its processor: visual
+                            # stage tasks and columns (retain.kind, retain.vision.kind)
 seed: 0
 mode: batch                 # batch: stage after stage | streaming: one pass, boundaries hidden from the method
 method: {name: sft, train: {lr: 3.0e-4}}   # default for every stage (a preset name, or a dict)
@@ -269,8 +271,7 @@ class ExperimentConfig(_Strict):
                 raise RetainError(said)
         for where, wrong, why in (
             ("mode", self.mode == "streaming", "streaming mode trains text models only"),
-            ("engine", self.engine == "vllm", "the vllm engine does not take pictures yet (kv_cache or hf: the VLM's "
-                                              "generate)"),
+            ("engine", self.engine == "vllm", "the vllm engine does not take pictures yet (kv_cache or hf: the VLM's generate)"),
             ("eval.lm_eval", self.eval.lm_eval is not None, "lm-evaluation-harness columns score text models only"),
         ):
             if wrong:

@@ -20,9 +20,10 @@ registry names the visual tasks: the core never imports the vision package).
 from __future__ import annotations
 
 import importlib
+from collections.abc import Callable, Sequence
 from functools import partial
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import torch
 from transformers import PreTrainedTokenizerBase

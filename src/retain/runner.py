@@ -24,7 +24,8 @@ give bit-identical results, resumed or not.
 
 Under a multi-process launcher every rank runs the same stage loop (:func:`run_stages`) — the same stages, seeds
 and evaluations, so the ranks stay in step in the Trainer's collectives — and only the main rank writes. The runner
-does not know which method it runs.
+does not know which method it runs, nor which kind of model (``cfg.model_kind()``, ``retain.kind``: a text model or
+a vision-language model, whose loading, encoding with pictures, engine and column evaluation it hands over).
 """
 
 from __future__ import annotations

@@ -7,6 +7,10 @@ logits / temperature, for the policy, the sampling policy and the reference alik
 reference is the stage's starting model. Micro-batches contribute their share of the aggregation over the whole
 rollout batch (``grpo``: sequences; ``bnpo``/``dapo``: tokens; ``dr_grpo``: sequences × max length).
 
+On a vision-language model (``ctx.kind``, ``retain.kind``) the prompts carry their pictures: the engine samples
+given them, the reward reads each picture's reference (``PicturePrompt``), and every forward of the loss gets the
+rows' pixel values (those rows are not packed).
+
 Under DDP (several processes) the rollout is sharded by prompt: each rank samples the whole groups of its contiguous
 share of the step's prompts (seed × world size + rank), and the parts are gathered, so every rank holds the same
 rollout batch — the prompt order of one process — and the Trainer hands each rank its share of the micro-batches.

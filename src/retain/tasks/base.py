@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Self, Sequence
 
 from retain.errors import RetainError
 
@@ -39,7 +39,7 @@ class PicturePrompt(str):
     image: Any
     answer: str | None
 
-    def __new__(cls, text: str, image: Any, answer: str | None = None) -> "PicturePrompt":
+    def __new__(cls, text: str, image: Any, answer: str | None = None) -> Self:
         prompt = super().__new__(cls, text)
         prompt.image, prompt.answer = image, answer
         return prompt

@@ -16,8 +16,9 @@ What it cannot run is refused when the config is validated (``refusal``), each w
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 from transformers import PreTrainedTokenizerBase
