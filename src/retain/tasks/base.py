@@ -48,7 +48,7 @@ class PicturePrompt(str):
         return str(self), self.image, self.answer
 
     def __eq__(self, other: object) -> bool:
-        return str.__eq__(self, other) and getattr(other, "image", None) == self.image
+        return isinstance(other, str) and str.__eq__(self, other) and getattr(other, "image", None) == self.image
 
     def __ne__(self, other: object) -> bool:
         return not self == other
