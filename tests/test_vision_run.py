@@ -111,6 +111,7 @@ def test_token_analysis_reads_visual_targets_given_the_picture():
     ({"method": "replay"}, "method 'replay' cannot train a vision-language model: replay.ratio > 0"),
     ({"mode": "streaming"}, "mode: model 'vlm' is a vision-language model; streaming mode trains text models only"),
     ({"engine": "vllm"}, "engine: model 'vlm' is a vision-language model; the vllm engine does not take pictures"),
+    ({"trust_remote_code": True}, "trust_remote_code: model 'vlm' is a vision-language model; retain loads VLMs"),
 ])
 def test_configs_a_vlm_run_cannot_take_are_refused_in_one_line(change, refused):
     with pytest.raises(RetainError) as err:

@@ -273,6 +273,7 @@ class ExperimentConfig(_Strict):
             ("mode", self.mode == "streaming", "streaming mode trains text models only"),
             ("engine", self.engine == "vllm", "the vllm engine does not take pictures yet (kv_cache or hf: the VLM's generate)"),
             ("eval.lm_eval", self.eval.lm_eval is not None, "lm-evaluation-harness columns score text models only"),
+            ("trust_remote_code", self.trust_remote_code, "retain loads VLMs with transformers' own classes only"),
         ):
             if wrong:
                 raise RetainError(f"{where}: model {self.model!r} is a vision-language model; {why}")

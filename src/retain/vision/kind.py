@@ -32,13 +32,6 @@ from retain.rollout import EngineChoice, make_engine
 from retain.vision.engine import VisionEngine
 from retain.vision.model import is_vlm, load_processor, load_vlm, text_view, vision_prompt_text
 
-# method parts that load another model as a text causal LM (and re-encode prompts as text): a picture cannot reach it
-TEXT_ONLY_PARTS = {
-    "loss.kind 'teacher_kl'": "on-policy distillation scores the student's samples under a teacher loaded as a text "
-                              "model, which never sees the picture",
-    "data.source_model": "the source model is loaded as a text model and samples without the picture",
-}
-
 
 class VisionModels:
     """A LLaVA-style VLM and its processor (loaded once from ``spec``; every stage's checkpoint saves the same one)."""
@@ -48,7 +41,7 @@ class VisionModels:
     def __init__(self, spec: str | Path | None, processor: Any = None) -> None:
         self.spec = spec
         self._processor: Any = processor
-        self._encoded: dict[str, TokenPair] = {}  # prompt -> (ids, pixels): a picture is processed once per run
+        self._encoded: dict[str, tuple[list[int], torch.Tensor]] = {}  # prompt -> (ids, pixels): processed once
 
     @classmethod
     def claims(cls, spec: str | Path) -> bool:
@@ -62,6 +55,7 @@ class VisionModels:
 
     def load(self, spec: Any, *, trust_remote_code: bool = False, dtype: Any = None, device: Any = None,
              gradient_checkpointing: bool = False) -> tuple[torch.nn.Module, PreTrainedTokenizerBase]:
+        """As ``retain.models.loading.load_model`` (no remote code: a config asking for it is refused)."""
         model, processor = load_vlm(spec, torch_dtype(dtype))
         self._processor = self._processor or processor
         if gradient_checkpointing:
@@ -77,16 +71,19 @@ class VisionModels:
         image = getattr(prompt, "image", None)
         if image is None:
             return encode_text(tokenizer, prompt, answer)
-        if prompt not in self._encoded:
-            enc = self.processor(text=[vision_prompt_text(prompt)], images=[image.render()], return_tensors="pt")
-            self._encoded[prompt] = (enc["input_ids"][0].tolist(), [], enc["pixel_values"])
-        ids, _, pixels = self._encoded[prompt]
+        ids, pixels = self._pictured(prompt)
         return ids, encode_answer(tokenizer, answer), pixels
 
     def pixel_values(self, prompts: Sequence[str]) -> torch.Tensor | None:
-        tok = self.processor.tokenizer
-        pictures = [self.encode(tok, p, "")[2] for p in prompts if getattr(p, "image", None) is not None]
+        pictures = [self._pictured(p)[1] for p in prompts if getattr(p, "image", None) is not None]
         return torch.cat(pictures) if pictures else None
+
+    def _pictured(self, prompt: Any) -> tuple[list[int], torch.Tensor]:
+        """A picture prompt's ids (its ``<image>`` expanded) and pixel values [1, C, H, W], processed once a run."""
+        if prompt not in self._encoded:
+            enc = self.processor(text=[vision_prompt_text(prompt)], images=[prompt.image.render()], return_tensors="pt")
+            self._encoded[prompt] = (enc["input_ids"][0].tolist(), enc["pixel_values"])
+        return self._encoded[prompt]
 
     def engine(self, choice: EngineChoice) -> EngineChoice:
         return lambda model, tokenizer: VisionEngine(model, self.processor)
@@ -105,18 +102,19 @@ class VisionModels:
     def refusal(self, method: Any, where: str) -> str | None:
         from retain.methods.config import TeacherKLLoss
 
-        used = []
-        if isinstance(method.loss, TeacherKLLoss):
-            used.append("loss.kind 'teacher_kl'")
-        if getattr(method.data, "source_model", None) is not None:
-            used.append("data.source_model")
-        if used:
-            return (f"{where}: method {method.name!r} cannot train a vision-language model: "
-                    f"{used[0]}: {TEXT_ONLY_PARTS[used[0]]}")
-        if method.replay is not None and method.replay.ratio > 0:
-            return (f"{where}: method {method.name!r} cannot train a vision-language model: replay.ratio > 0 keeps "
-                    "its buffers as (prompt, answer) text in the run directory, so a resumed run would replay visual "
-                    "questions without their pictures (replay.prior_ratio alone, text prior skills, is fine)")
+        for uses, why in (
+            (isinstance(method.loss, TeacherKLLoss),
+             ("loss.kind 'teacher_kl': on-policy distillation scores the student's samples under a teacher loaded "
+              "as a text model, which never sees the picture")),
+            (getattr(method.data, "source_model", None) is not None,
+             "data.source_model: the source model is loaded as a text model and samples without the picture"),
+            (method.replay is not None and method.replay.ratio > 0,
+             ("replay.ratio > 0 keeps its buffers as (prompt, answer) text in the run directory, so a resumed run "
+              "would replay visual questions without their pictures (replay.prior_ratio alone, text prior skills, "
+              "is fine)")),
+        ):
+            if uses:
+                return f"{where}: method {method.name!r} cannot train a vision-language model: {why}"
         return None
 
 
