@@ -2,7 +2,9 @@
 
 ```yaml
 name: quick
-model: base                 # 'base' (embedded), a HF model directory, or a hub name
+model: base                 # 'base' (embedded), a HF model directory, or a hub name; 'vlm' (the embedded
+                            # vision-language model) or a local VLM directory saved with its processor: visual
+                            # stage tasks and columns (retain.kind, retain.vision.kind)
 seed: 0
 mode: batch                 # batch: stage after stage | streaming: one pass, boundaries hidden from the method
 method: {name: sft, train: {lr: 3.0e-4}}   # default for every stage (a preset name, or a dict)
@@ -208,6 +210,7 @@ class ExperimentConfig(_Strict):
     report_to: list[Literal["tensorboard", "mlflow", "trackio", "wandb"]] = Field(
         default_factory=list, exclude=True, description="trackers (retain.tracking)")
     _methods: list[MethodConfig] = PrivateAttr(default_factory=list)  # each stage's, resolved once
+    _kind: Any = PrivateAttr(None)  # the model's kind (retain.kind), chosen once
 
     @field_validator("engine", mode="before")
     @classmethod
@@ -227,6 +230,7 @@ class ExperimentConfig(_Strict):
         self.eval_tasks()
         self.checkpoint_columns()
         self.nll_columns()
+        self._check_model_kind()
         if self.report_to and self.mode == "streaming":
             raise RetainError("report_to: trackers follow batch runs (stage after stage); streaming mode logs to "
                               "steps.jsonl only")
@@ -239,6 +243,45 @@ class ExperimentConfig(_Strict):
         if stage.steps is not None:
             cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"steps": stage.steps})})
         return cfg
+
+    def model_kind(self):
+        """What kind of model ``model`` is (``retain.kind``): a vision-language model (``vlm``, or a local directory
+        whose config has a vision tower) or a text causal LM."""
+        if self._kind is None:
+            from retain.kind import model_kind
+
+            self._kind = model_kind(self.model)
+        return self._kind
+
+    def _check_model_kind(self) -> None:
+        """What the model's kind cannot run, refused before anything runs: pictures for a text model; for a VLM,
+        the methods that cannot take pictures, streaming, vLLM and lm-eval columns (text-model paths)."""
+        kind = self.model_kind()
+        if kind.name == "text":
+            shown = [(f"stages[{i}].task", s.task) for i, s in enumerate(self.stages)] + [
+                ("eval.tasks", c.partition("@")[0]) for c in self.eval_tasks()]
+            for where, task in shown:
+                if getattr(task_registry.get(task), "modality", "text") == "image":
+                    raise RetainError(f"{where}: task {task!r} shows pictures, and model {self.model!r} is a text "
+                                      "model (use model: vlm, or a VLM directory saved with its processor)")
+            return
+        for i in range(len(self.stages)):
+            said = kind.refusal(self._methods[i], f"stages[{i}].method" if self.stages[i].method else "method")
+            if said:
+                raise RetainError(said)
+        for where, wrong, why in (
+            ("mode", self.mode == "streaming", "streaming mode trains text models only"),
+            ("engine", self.engine == "vllm", "the vllm engine does not take pictures yet (kv_cache or hf: the VLM's generate)"),
+            ("eval.lm_eval", self.eval.lm_eval is not None, "lm-evaluation-harness columns score text models only"),
+            ("trust_remote_code", self.trust_remote_code, "retain loads VLMs with transformers' own classes only"),
+        ):
+            if wrong:
+                raise RetainError(f"{where}: model {self.model!r} is a vision-language model; {why}")
+
+    def rollout_engine(self):
+        """The engine choice the method parts, shift and checks sample with: ``engine`` for a text model, the VLM's
+        own (its processor and ``generate``) for a vision-language model."""
+        return self.model_kind().engine(self.engine)
 
     def stage_method(self, i: int) -> MethodConfig:
         """Stage ``i``'s method, typed: the preset or dict of ``stages[i].method`` (else ``method``) resolved once,
@@ -260,9 +303,8 @@ class ExperimentConfig(_Strict):
         """``(model, tokenizer)`` of ``spec`` (default: ``model``) as this config asks: dtype, gradient
         checkpointing, trust_remote_code, on this process's device."""
         from retain.distributed import train_device
-        from retain.models.loading import load_model
 
-        return load_model(
+        return self.model_kind().load(
             self.model if spec is None else spec, trust_remote_code=self.trust_remote_code, dtype=self.dtype,
             gradient_checkpointing=self.gradient_checkpointing, device=train_device(self.device),
         )

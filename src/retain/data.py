@@ -39,25 +39,37 @@ class TokenBatch:
     step_tokens: int | None = None  # target tokens in the whole optimizer step (the loss denominator)
     step_positions: int | None = None  # attended positions in the whole step (LwF's denominator)
     first: bool = True  # the step's first micro-batch (per-step terms such as weight penalties go here)
+    pixel_values: torch.Tensor | None = None  # one picture per row that shows one, in row order (a VLM's batch)
 
     @property
     def num_target_tokens(self) -> int:
         return int((self.labels != IGNORE).sum())
 
 
-def collate(sequences: Sequence[tuple[list[int], list[int]]], pad_id: int) -> TokenBatch:
-    """Right-pad (prompt_ids, answer_ids) pairs into one batch with prompt positions masked from the loss."""
-    length = max(len(p) + len(a) for p, a in sequences)
+# (prompt ids, answer ids) or, for a prompt that shows a picture, (prompt ids, answer ids, its pixel values [1, C, H, W])
+TokenPair = tuple[list[int], list[int]] | tuple[list[int], list[int], torch.Tensor | None]
+
+
+def encode_text(tok: PreTrainedTokenizerBase, prompt: str, answer: str) -> TokenPair:
+    """A text (prompt, answer)'s training item: the chat-formatted prompt's ids and the answer's, eos last."""
+    return encode_prompt(tok, prompt), encode_answer(tok, answer)
+
+
+def collate(sequences: Sequence[TokenPair], pad_id: int) -> TokenBatch:
+    """Right-pad (prompt_ids, answer_ids[, pixels]) items into one batch with prompt positions masked from the loss;
+    the pictures of the rows that have one are stacked in row order (where a VLM puts them)."""
+    length = max(len(s[0]) + len(s[1]) for s in sequences)
     n = len(sequences)
     input_ids = torch.full((n, length), pad_id, dtype=torch.long)
     labels = torch.full((n, length), IGNORE, dtype=torch.long)
     mask = torch.zeros((n, length), dtype=torch.long)
-    for i, (p, a) in enumerate(sequences):
+    for i, (p, a, *_) in enumerate(sequences):
         ids = p + a
         input_ids[i, : len(ids)] = torch.tensor(ids)
         labels[i, len(p) : len(ids)] = torch.tensor(a)
         mask[i, : len(ids)] = 1
-    return TokenBatch(input_ids, mask, labels)
+    pictures = [s[2] for s in sequences if len(s) > 2 and s[2] is not None]
+    return TokenBatch(input_ids, mask, labels, pixel_values=torch.cat(pictures) if pictures else None)
 
 
 def length_buckets(lengths: Sequence[int], max_tokens: int, max_rows: int | None = None) -> list[list[int]]:
@@ -83,12 +95,16 @@ def model_inputs(batch: TokenBatch, device: torch.device | str) -> dict[str, tor
     """Forward arguments for a right-padded batch. The attention mask is left out: under causal attention a real
     token only sees earlier positions, which are all real, so padding cannot reach it, and without an explicit mask
     the model takes the fused causal attention kernel instead of materialising a [B, 1, T, T] mask. Padding
-    positions then see real tokens, but their outputs are never read (no label, no loss)."""
-    return {"input_ids": batch.input_ids.to(device)}
+    positions then see real tokens, but their outputs are never read (no label, no loss). A batch with pictures
+    hands them to the model too (a VLM puts their features at its image tokens)."""
+    inputs = {"input_ids": batch.input_ids.to(device)}
+    if batch.pixel_values is not None:
+        inputs["pixel_values"] = batch.pixel_values.to(device)
+    return inputs
 
 
 def encode_pairs(tok: PreTrainedTokenizerBase, pairs: Sequence[tuple[str, str]]) -> TokenBatch:
-    return collate([(encode_prompt(tok, p), encode_answer(tok, a)) for p, a in pairs], tok.pad_token_id)
+    return collate([encode_text(tok, p, a) for p, a in pairs], tok.pad_token_id)
 
 
 def left_pad(prompts: Sequence[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -44,11 +44,12 @@ def evaluate_task(
     split: str = "test",
     seed: int = 0,
 ) -> dict[str, Any]:
-    """``{"accuracy", "n"}`` plus ``{"pass_at_k", "k"}`` when ``samples`` > 0, for one task and split."""
+    """``{"accuracy", "n"}`` plus ``{"pass_at_k", "k"}`` when ``samples`` > 0, for one task and split; ``score``, the
+    mean reward, for a task that gives partial credit per item (``cards``: the share of cards named right)."""
     task = task_registry.get(task_name)
-    if getattr(task, "modality", "text") != "text":  # its prompts mean nothing without their pictures
-        raise RetainError(f"task {task_name!r} shows pictures: evaluate it with retain.vision.engine.evaluate_visual "
-                          "on a vision-language model")
+    if getattr(task, "modality", "text") != "text" and not engine.takes_pictures:  # its prompts mean nothing alone
+        raise RetainError(f"task {task_name!r} shows pictures: evaluate it on a vision-language model "
+                          "(model: vlm, or a VLM directory with its processor)")
     examples = task.examples(split, n, seed=seed)
     prompts = [e.prompt for e in examples]
     max_new = getattr(task, "max_new_tokens", DEFAULT_MAX_NEW_TOKENS)
@@ -56,6 +57,9 @@ def evaluate_task(
     correct = [task.is_correct(e.prompt, text, e.answer) for e, text in zip(examples, greedy.texts)]
     result: dict[str, Any] = {"accuracy": sum(correct) / max(1, len(correct)), "n": len(correct), "split": split,
                               **halves(correct), "correct": "".join("1" if c else "0" for c in correct)}
+    if getattr(task, "partial_credit", False):
+        rewards = [task.reward(e.prompt, text, e.answer) for e, text in zip(examples, greedy.texts)]
+        result["score"] = sum(rewards) / max(1, len(rewards))
     if samples > 0:
         sampled = engine.generate(prompts, n=samples, temperature=1.0, max_new_tokens=max_new, seed=seed + 1)
         result.update(sampled_scores(task, examples, sampled, samples))
@@ -85,12 +89,15 @@ def answer_nll(
     n: int | None = None,
     split: str = "test",
     seed: int = 0,
+    encode: Any = None,
 ) -> dict[str, Any]:
-    """``{"nll", "nll_per_token", "n"}``: teacher-forced NLL of each item's reference answer (eos included)."""
+    """``{"nll", "nll_per_token", "n"}``: teacher-forced NLL of each item's reference answer (eos included).
+    ``encode``: the model kind's item encoder (``retain.kind``; default: text)."""
+    from retain.data import encode_text
     from retain.logprobs import answer_logprobs
 
     examples = task_registry.get(task_name).examples(split, n, seed=seed)
-    per_item = answer_logprobs(model, tokenizer, [(e.prompt, e.answer) for e in examples])
+    per_item = answer_logprobs(model, tokenizer, [(e.prompt, e.answer) for e in examples], encode=encode or encode_text)
     tokens = sum(len(row) for row in per_item)
     total = -sum(sum(row) for row in per_item)
     return {"nll": total / max(1, len(per_item)), "nll_per_token": total / max(1, tokens), "n": len(per_item)}

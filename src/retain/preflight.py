@@ -27,7 +27,7 @@ from retain import tasks as task_registry
 from retain.config import ExperimentConfig
 from retain.evaluate import DEFAULT_MAX_NEW_TOKENS, pass_at_k
 from retain.methods.config import MethodConfig, OnPolicyData
-from retain.rollout import make_engine
+from retain.rollout import EngineChoice, make_engine
 from retain.tasks import CORRECT, Task
 
 PROMPTS = 32  # training prompts sampled before a GRPO stage
@@ -46,7 +46,7 @@ def _score(reward: Any) -> float:
 
 
 @torch.no_grad()
-def grpo_signal(model, tokenizer, task: Task, method: MethodConfig, engine: str, seed: int) -> dict[str, Any] | None:
+def grpo_signal(model, tokenizer, task: Task, method: MethodConfig, engine: EngineChoice, seed: int) -> dict[str, Any] | None:
     """pass@k and the share of flat groups of the starting model on the stage's training prompts; ``None`` when
     the method is not on-policy. Uses its own seeded generator, so the stage that follows is unchanged."""
     data = method.data
@@ -108,7 +108,8 @@ def stage_signal(model, tokenizer, cfg: ExperimentConfig, k: int) -> list[tuple[
     """The runner's check before stage ``k`` (0-based): ``[(message, data)]`` for ``warn``, empty when the stage
     is not GRPO or has signal."""
     method, task_name = cfg.stage_method(k), cfg.stages[k].task
-    measured = grpo_signal(model, tokenizer, task_registry.get(task_name), method, cfg.engine, cfg.seed * 1000 + k)
+    measured = grpo_signal(model, tokenizer, task_registry.get(task_name), method, cfg.rollout_engine(),
+                           cfg.seed * 1000 + k)
     message = None if measured is None else signal_warning(task_name, k + 1, measured)
     if message is None:
         return []

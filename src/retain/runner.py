@@ -24,7 +24,8 @@ give bit-identical results, resumed or not.
 
 Under a multi-process launcher every rank runs the same stage loop (:func:`run_stages`) — the same stages, seeds
 and evaluations, so the ranks stay in step in the Trainer's collectives — and only the main rank writes. The runner
-does not know which method it runs.
+does not know which method it runs, nor which kind of model (``cfg.model_kind()``, ``retain.kind``: a text model or
+a vision-language model, whose loading, encoding with pictures, engine and column evaluation it hands over).
 """
 
 from __future__ import annotations
@@ -185,8 +186,8 @@ def run_stages(
         seed_everything(cfg.stage_seed(k))
         model = train_stage(
             model, tokenizer, task_name, method, stage_index=k, seen_tasks=cfg.stage_tasks()[:k], state=state,
-            seed=cfg.stage_seed(k), engine=cfg.engine, log=log if writes else None, device=cfg.device,
-            mixed_precision=cfg.mixed_precision,
+            seed=cfg.stage_seed(k), engine=cfg.rollout_engine(), kind=cfg.model_kind(), log=log if writes else None,
+            device=cfg.device, mixed_precision=cfg.mixed_precision,
             checkpoint_dir=stage_dir / "checkpoint" if method.train.checkpoint_every else None,
             on_step=points.on_step,
         )
@@ -196,7 +197,8 @@ def run_stages(
         shift = measure_shift(base, previous, model, tokenizer, task_name, cfg, k + 1)
         if not writes:
             continue
-        save_model_dir(model, tokenizer, stage_dir / "model", card=model_card(cfg, k + 1, row, shift))
+        save_model_dir(model, cfg.model_kind().saved_with(tokenizer), stage_dir / "model",
+                       card=model_card(cfg, k + 1, row, shift))
         save_state(state, stage_dir / "state")
         fault_point("stage_done")
         atomic_write_json(stage_dir / "stage.json", {

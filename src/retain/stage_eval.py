@@ -12,12 +12,11 @@ import torch
 from retain import distributed
 from retain import tasks as task_registry
 from retain.config import LM_EVAL_PREFIX, ExperimentConfig
-from retain.evaluate import DEFAULT_MAX_NEW_TOKENS, answer_nll, evaluate_task
+from retain.evaluate import DEFAULT_MAX_NEW_TOKENS, answer_nll
 from retain.files import atomic_write_json, fault_point, read_json
 from retain.metrics.lmeval import lm_eval_cells
 from retain.metrics.shift import kl_shift, weight_l2
 from retain.models.adapters import frozen_copy
-from retain.rollout import make_engine
 from retain.rundir import Progress
 from retain.train import rng_preserved
 
@@ -30,7 +29,8 @@ def eval_seed(cfg: ExperimentConfig) -> int:
 def evaluate_row(model, tokenizer, cfg: ExperimentConfig, columns: list[str] | None = None) -> dict[str, dict[str, Any]]:
     """One evaluation row: greedy accuracy (per item, and on the selection and test halves) of every column, pass@K
     when asked, and the answer NLL of the ``eval.nll`` columns. ``columns``: a subset (the in-stage checkpoints')."""
-    engine = make_engine(cfg.engine, model, tokenizer)
+    kind = cfg.model_kind()
+    evaluate_column = kind.evaluator(model, tokenizer, cfg.engine)  # a VLM's: visual columns with their pictures
     seed, nll = eval_seed(cfg), set(cfg.nll_columns())
     row = {}
     wanted = columns or cfg.eval_tasks()
@@ -41,9 +41,10 @@ def evaluate_row(model, tokenizer, cfg: ExperimentConfig, columns: list[str] | N
         fault_point("eval")
         name, _, split = column.partition("@")
         n = cfg.eval.count(column)
-        row[column] = evaluate_task(engine, name, n=n, samples=cfg.eval.samples, split=split or "test", seed=seed)
+        row[column] = evaluate_column(name, n=n, samples=cfg.eval.samples, split=split or "test", seed=seed)
         if column in nll:
-            row[column].update(answer_nll(model, tokenizer, name, n=n, split=split or "test", seed=seed))
+            row[column].update(answer_nll(model, tokenizer, name, n=n, split=split or "test", seed=seed,
+                                          encode=kind.encode))
     if general:
         row.update(lm_eval_cells(model, tokenizer, cfg.eval.lm_eval, general, seed))
     return row
@@ -115,9 +116,11 @@ def measure_shift(base, previous, model, tokenizer, task_name: str, cfg: Experim
     prompts = [e.prompt for e in task.examples("test", cfg.shift.prompts, seed=cfg.seed)]
     max_new = getattr(task, "max_new_tokens", DEFAULT_MAX_NEW_TOKENS)
     seed = cfg.shift_seed(stage)
-    out["from_base"] = kl_shift(base, model, tokenizer, prompts, cfg.shift.samples, max_new, seed, cfg.engine)
+    engine, pictures = cfg.rollout_engine(), cfg.model_kind().pixel_values  # over the text tokens given the picture
+    out["from_base"] = kl_shift(base, model, tokenizer, prompts, cfg.shift.samples, max_new, seed, engine, pictures)
     if stage == 1:  # the first stage's previous model is the base: the same measurement, not made twice
         out["from_previous"] = out["from_base"]
     else:
-        out["from_previous"] = kl_shift(previous, model, tokenizer, prompts, cfg.shift.samples, max_new, seed, cfg.engine)
+        out["from_previous"] = kl_shift(previous, model, tokenizer, prompts, cfg.shift.samples, max_new, seed, engine,
+                                        pictures)
     return out

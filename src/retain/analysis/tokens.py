@@ -17,7 +17,8 @@ import torch
 from transformers import PreTrainedTokenizerBase
 
 from retain.losses import CONFLICT_ENTROPY_MAX, CONFLICT_PROB_MAX, token_entropy, token_logprobs
-from retain.logprobs import teacher_forced
+from retain.data import encode_text
+from retain.logprobs import Encoder, teacher_forced
 
 ENTROPY_MAX = CONFLICT_ENTROPY_MAX
 PROB_MAX = CONFLICT_PROB_MAX
@@ -67,10 +68,12 @@ def token_stats(
     tokenizer: PreTrainedTokenizerBase,
     pairs: Sequence[tuple[str, str]],
     batch_size: int = 256,
+    encode: Encoder = encode_text,
 ) -> TokenStats:
-    """Per-token entropy and target probability of ``model`` on the answers of ``pairs``."""
+    """Per-token entropy and target probability of ``model`` on the answers of ``pairs``. ``encode``: the model
+    kind's (``retain.kind``): a VLM's hands each picture prompt's image, so visual SFT targets are analysed given it."""
     cols: dict[str, list[np.ndarray]] = {k: [] for k in ("entropy", "prob", "example", "position", "token")}
-    for start, logits, targets, mask in teacher_forced(model, tokenizer, pairs, batch_size):
+    for start, logits, targets, mask in teacher_forced(model, tokenizer, pairs, batch_size, encode):
         rows, cols_idx = mask.nonzero(as_tuple=True)
         first = mask.float().argmax(dim=1)  # first answer position per row
         cols["entropy"].append(token_entropy(logits)[mask].cpu().numpy())

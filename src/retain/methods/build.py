@@ -20,8 +20,9 @@ import torch
 from transformers import PreTrainedTokenizerBase
 
 from retain import tasks as task_registry
-from retain.data import encode_answer, encode_prompt
+from retain.data import TokenPair
 from retain.distributed import make_accelerator, train_device
+from retain.kind import TEXT
 from retain.losses import linear_weight
 from retain.models.adapters import frozen_copy
 from retain.methods.config import (
@@ -47,12 +48,13 @@ def _load_source_model(path: str) -> torch.nn.Module:
     return load_model(path)[0]
 
 
-def _token_sampler(source: PairSource, tokenizer: PreTrainedTokenizerBase):
-    cache: dict[tuple[str, str], tuple[list[int], list[int]]] = {}
+def _token_sampler(source: PairSource, ctx: StageContext):
+    """Token items of the source's pairs, encoded by the model's kind (a picture prompt's item has its pixels)."""
+    cache: dict[tuple[str, str], TokenPair] = {}
 
     def encode(pair: tuple[str, str]):
         if pair not in cache:
-            cache[pair] = (encode_prompt(tokenizer, pair[0]), encode_answer(tokenizer, pair[1]))
+            cache[pair] = ctx.kind.encode(ctx.tokenizer, pair[0], pair[1])
         return cache[pair]
 
     def sample(rng: random.Random, k: int, step: int):
@@ -70,7 +72,7 @@ def on_policy_objective(cfg: MethodConfig, ctx: StageContext):
     if mix is None:
         return grpo
     demos = FixedPairs(reference_pairs(ctx, ctx.task_name, "canonical", ctx.seed), f"{cfg.name} on {ctx.task_name!r}")
-    sft = SFTObjective(_token_sampler(demos, ctx.tokenizer), ctx.tokenizer.pad_token_id, mix.batch_size,
+    sft = SFTObjective(_token_sampler(demos, ctx), ctx.tokenizer.pad_token_id, mix.batch_size,
                        cfg.micro_batch_size, seed=ctx.seed)
     steps = cfg.train.steps
     mu = lambda step: linear_weight(step, steps, mix.weight, mix.weight_end)  # noqa: E731
@@ -105,7 +107,7 @@ def build_stage(cfg: MethodConfig, ctx: StageContext) -> BuiltStage:
     regs = [REGULARIZERS[type(reg)].build(reg, ctx) for reg in cfg.regularizers]
     source = build_source(cfg, ctx, _load_source_model)
     sft = SFTObjective(
-        _token_sampler(source, ctx.tokenizer), ctx.tokenizer.pad_token_id, cfg.batch_size, cfg.micro_batch_size,
+        _token_sampler(source, ctx), ctx.tokenizer.pad_token_id, cfg.batch_size, cfg.micro_batch_size,
         seed=ctx.seed, weighting=weighting, regularizers=regs, micro_batch_tokens=cfg.micro_batch_tokens,
     )
     objective = ProximalSFTObjective(sft, ctx.model, loss.eps, loss.updates_per_batch) if isinstance(loss, PSFTLoss) \
@@ -144,10 +146,12 @@ def train_stage(
     device: str = "auto",
     mixed_precision: str = "no",
     on_step: Callable[[int, torch.nn.Module], None] | None = None,
+    kind: Any = TEXT,
 ) -> torch.nn.Module:
     """Train ``model`` on ``task_name`` with ``method``; returns the trained model (adapter merged if per-stage).
     ``device`` (auto / cpu / cuda) and ``mixed_precision`` (no / bf16 / fp16) are the experiment config's;
-    ``on_step(step, model)`` runs after every optimizer step (the runner's in-stage checkpoint evaluations)."""
+    ``on_step(step, model)`` runs after every optimizer step (the runner's in-stage checkpoint evaluations);
+    ``kind``: the model's kind (``retain.kind``; a VLM's takes the pictures), with ``engine`` its engine choice."""
     cfg = method_config(method)
     state = state if state is not None else MethodState()
     model.to(train_device(device))  # before the frozen copy, so the reference sits where the policy computes
@@ -158,6 +162,7 @@ def train_stage(
     ctx = StageContext(
         model=model, reference=reference, tokenizer=tokenizer, task_name=task_name, task=task_registry.get(task_name),
         stage_index=stage_index, seen_tasks=list(seen_tasks or []), seed=seed, state=state, engine=engine, log=log,
+        kind=kind,
     )
     stage = build_stage(cfg, ctx)
     if adapter is not None:

@@ -19,7 +19,8 @@ from typing import Any, Sequence
 
 import torch
 
-from retain.data import IGNORE, TokenBatch, collate, encode_answer, encode_prompt, model_inputs
+from retain.data import IGNORE, TokenBatch, collate, encode_text, model_inputs
+from retain.logprobs import Encoder
 from retain.losses import distill_kl, sft_loss
 from retain.methods.config import DistillReg, EWCReg, KLRefReg, L2SPReg
 from retain.methods.parts import StagePart
@@ -104,7 +105,7 @@ class EWC(StagePart):
     def end_stage(self, model: torch.nn.Module, ctx: StageContext) -> torch.nn.Module:
         pairs = reference_pairs(ctx, ctx.task_name, "canonical", ctx.seed)
         random.Random(ctx.seed).shuffle(pairs)
-        update_fisher(self.state, model, ctx.tokenizer, pairs, self.fisher_samples)
+        update_fisher(self.state, model, ctx.tokenizer, pairs, self.fisher_samples, ctx.kind.encode)
         return model
 
     def penalty(self, model, batch, logits, first):
@@ -119,10 +120,11 @@ class EWC(StagePart):
 
 
 def update_fisher(
-    state: MethodState, model: torch.nn.Module, tokenizer, pairs: Sequence[tuple[str, str]], samples: int
+    state: MethodState, model: torch.nn.Module, tokenizer, pairs: Sequence[tuple[str, str]], samples: int,
+    encode: Encoder = encode_text,
 ) -> None:
     """Add this stage's diagonal empirical Fisher (mean over examples of (∇ log π(answer|prompt))², one example per
-    backward pass) to the running sum, and set the anchor θ* to the current weights."""
+    backward pass) to the running sum, and set the anchor θ* to the current weights. ``encode``: the model kind's."""
     params = {n: p for n, p in _named(model).items() if p.requires_grad}
     fisher = {n: torch.zeros_like(p) for n, p in params.items()}
     device = next(model.parameters()).device
@@ -130,7 +132,7 @@ def update_fisher(
     model.eval()
     used = list(pairs)[:samples]
     for prompt, answer in used:
-        batch = collate([(encode_prompt(tokenizer, prompt), encode_answer(tokenizer, answer))], tokenizer.pad_token_id)
+        batch = collate([encode(tokenizer, prompt, answer)], tokenizer.pad_token_id)
         model.zero_grad(set_to_none=True)
         logits = model(**model_inputs(batch, device)).logits
         targets = batch.labels[:, 1:].to(device)

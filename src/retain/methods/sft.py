@@ -13,11 +13,11 @@ from typing import Callable, Protocol, Sequence
 
 import torch
 
-from retain.data import IGNORE, TokenBatch, collate, length_buckets, model_inputs
+from retain.data import IGNORE, TokenBatch, TokenPair, collate, length_buckets, model_inputs
 from retain.distributed import world_size
 from retain.losses import confident_conflict_mask, dft_weights, eaft_weights, sft_loss
 
-Pair = tuple[list[int], list[int]]  # (prompt ids, answer ids ending with eos)
+Pair = TokenPair  # (prompt ids, answer ids ending with eos[, the prompt's pixel values])
 Sampler = Callable[[random.Random, int, int], Sequence[Pair]]  # (rng, k, step) -> token pairs
 # (logits [B,T,V], targets [B,T], mask [B,T]) -> (weights or None, mask)
 TokenWeighting = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], tuple[torch.Tensor | None, torch.Tensor]]
@@ -88,7 +88,7 @@ class SFTObjective:
         rng = random.Random(self.seed * 1_000_003 + step)
         pairs = list(self.sampler(rng, self.batch_size, step))
         if self.micro_tokens:
-            groups = length_buckets([len(p) + len(a) for p, a in pairs], self.micro_tokens, self.micro_rows)
+            groups = length_buckets([len(p[0]) + len(p[1]) for p in pairs], self.micro_tokens, self.micro_rows)
             chunks = [collate([pairs[i] for i in group], self.pad_id) for group in groups]
         else:
             chunks = [collate(pairs[i : i + self.micro], self.pad_id) for i in range(0, len(pairs), self.micro)]

@@ -84,7 +84,7 @@ def reference_pairs(ctx: StageContext, task_name: str, target: str, seed: int) -
         return [(e.prompt, rng.choice(e.answers)) for e in examples]
     # likely / unlikely under the stage's initial model: score every candidate answer once
     flat = [(e.prompt, a) for e in examples for a in e.answers]
-    scores = iter(sequence_logprobs(ctx.reference, ctx.tokenizer, flat))
+    scores = iter(sequence_logprobs(ctx.reference, ctx.tokenizer, flat, encode=ctx.kind.encode))
     pick = max if target == "likely" else min
     chosen = []
     for e in examples:

@@ -8,6 +8,7 @@ from typing import Any
 import torch
 from transformers import PreTrainedTokenizerBase
 
+from retain.kind import TEXT, TextModels
 from retain.rollout import EngineChoice
 from retain.tasks import Task
 
@@ -49,3 +50,4 @@ class StageContext:
     state: MethodState
     engine: EngineChoice = "kv_cache"  # an engine name, or a factory (retain.rollout.make_engine)
     log: Any = None
+    kind: TextModels | Any = TEXT  # the model's kind (retain.kind): how a prompt, and its picture, reach the model

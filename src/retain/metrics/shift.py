@@ -12,18 +12,20 @@ their number). The sampled tokens include the closing eos; a sample cut by ``max
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 from transformers import PreTrainedTokenizerBase
 
 from retain.losses import distill_kl, token_logprobs
-from retain.rollout import make_engine
+from retain.rollout import EngineChoice, make_engine
 
 
 @torch.no_grad()
-def _pair_stats(sampler: torch.nn.Module, other: torch.nn.Module, prompt_ids, completion_ids, pad_id: int, batch_size: int = 128):
-    """Per-sample sums of log p_sampler − log p_other and of the exact KL(p_sampler ‖ p_other), and token counts."""
+def _pair_stats(sampler: torch.nn.Module, other: torch.nn.Module, prompt_ids, completion_ids, pad_id: int,
+                batch_size: int = 128, pixel_values: torch.Tensor | None = None):
+    """Per-sample sums of log p_sampler − log p_other and of the exact KL(p_sampler ‖ p_other), and token counts.
+    ``pixel_values``: one picture per row (a VLM's prompts), which both models see."""
     device = next(sampler.parameters()).device
     mc, exact, tokens = [], [], []
     for start in range(0, len(prompt_ids), batch_size):
@@ -37,8 +39,9 @@ def _pair_stats(sampler: torch.nn.Module, other: torch.nn.Module, prompt_ids, co
             att[i, : len(p) + len(c)] = 1
             mask[i, len(p) - 1 : len(p) + len(c) - 1] = True
         ids, att, mask = ids.to(device), att.to(device), mask.to(device)
-        la = sampler(input_ids=ids, attention_mask=att).logits[:, :-1]
-        lb = other(input_ids=ids, attention_mask=att).logits[:, :-1]
+        pictures = {} if pixel_values is None else {"pixel_values": pixel_values[start : start + batch_size].to(device)}
+        la = sampler(input_ids=ids, attention_mask=att, **pictures).logits[:, :-1]
+        lb = other(input_ids=ids, attention_mask=att, **pictures).logits[:, :-1]
         targets = ids[:, 1:]
         diff = token_logprobs(la, targets) - token_logprobs(lb, targets)
         kl = distill_kl(lb, la, mask, direction="forward")  # KL(teacher=sampler ‖ student=other)
@@ -69,15 +72,20 @@ def kl_shift(
     samples: int = 1,
     max_new_tokens: int = 24,
     seed: int = 0,
-    engine: str = "kv_cache",
+    engine: EngineChoice = "kv_cache",
+    pixel_values: Callable[[Sequence[str]], torch.Tensor | None] | None = None,
 ) -> dict[str, dict[str, float]]:
-    """``{"forward": KL(π0‖π) stats, "reverse": KL(π‖π0) stats}``, each as ``_summary`` describes."""
+    """``{"forward": KL(π0‖π) stats, "reverse": KL(π‖π0) stats}``, each as ``_summary`` describes. For a VLM,
+    ``engine`` is its engine and ``pixel_values`` its kind's (``retain.kind``): the KL is then over the text tokens
+    given the picture, both models seeing it."""
     out = {}
     for direction, sampler, other in (("forward", reference, model), ("reverse", model, reference)):
         roll = make_engine(engine, sampler, tokenizer).generate(
             list(prompts), n=samples, temperature=1.0, max_new_tokens=max_new_tokens, seed=seed
         )
-        mc, exact, tokens = _pair_stats(sampler, other, roll.prompt_ids, roll.completion_ids, tokenizer.pad_token_id)
+        pixels = None if pixel_values is None else pixel_values(roll.prompts)
+        mc, exact, tokens = _pair_stats(sampler, other, roll.prompt_ids, roll.completion_ids, tokenizer.pad_token_id,
+                                        pixel_values=pixels)
         out[direction] = _summary(mc, exact, tokens)
     return out
 

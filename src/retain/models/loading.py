@@ -89,28 +89,40 @@ def load_model(
     ``dtype``: a torch dtype or ``fp32`` (default) / ``bf16`` / ``fp16`` / ``auto`` (the checkpoint's own).
     ``gradient_checkpointing``: recompute each layer's activations in the backward (non-reentrant; only while
     training, so generation keeps its KV cache)."""
-    if isinstance(dtype, str):
-        if dtype not in DTYPES:
-            raise RetainError(f"dtype {dtype!r}: expected one of {', '.join(DTYPES)}")
-        dtype = DTYPES[dtype]
+    dtype = torch_dtype(dtype)
     path = resolve_model_path(spec)
     tok = load_tokenizer(spec, trust_remote_code)
     try:
         model = AutoModelForCausalLM.from_pretrained(
-            path, use_safetensors=True, trust_remote_code=trust_remote_code, dtype=dtype or torch.float32
+            path, use_safetensors=True, trust_remote_code=trust_remote_code, dtype=dtype
         )
     except (OSError, ValueError) as err:
         raise RetainError(f"cannot load model {spec!r}: {_first_line(err)}") from None
-    if gradient_checkpointing:  # transformers >= 5.x names it activation checkpointing; older 5.x gradient
-        enable = getattr(model, "activation_checkpointing_enable", None)
-        if enable is not None:
-            enable(activation_checkpointing_kwargs={"use_reentrant": False})
-        else:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if gradient_checkpointing:
+        enable_gradient_checkpointing(model)
     if device is not None:
         model.to(device)
     model.eval()
     return model, tok
+
+
+def enable_gradient_checkpointing(model: PreTrainedModel) -> None:
+    """Non-reentrant activation recomputation in the backward (transformers >= 5.x names it activation
+    checkpointing; older 5.x gradient checkpointing)."""
+    enable = getattr(model, "activation_checkpointing_enable", None)
+    if enable is not None:
+        enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
+def torch_dtype(dtype: torch.dtype | str | None) -> torch.dtype | str:
+    """A torch dtype from ``fp32`` / ``bf16`` / ``fp16`` / ``auto`` (or a torch dtype; None: float32)."""
+    if isinstance(dtype, str):
+        if dtype not in DTYPES:
+            raise RetainError(f"dtype {dtype!r}: expected one of {', '.join(DTYPES)}")
+        return DTYPES[dtype]
+    return dtype or torch.float32
 
 
 def _first_line(err: BaseException) -> str:

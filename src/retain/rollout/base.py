@@ -53,8 +53,8 @@ class Rollout:
 
 @dataclass
 class SamplingRequest:
-    """One ``generate`` call: ``n`` samples of each prompt (``images``: one picture per prompt, for engines that
-    take pictures)."""
+    """One ``generate`` call: ``n`` samples of each prompt (a prompt that shows a picture carries it:
+    ``retain.tasks.base.PicturePrompt``)."""
 
     prompts: list[str]
     n: int = 1
@@ -62,7 +62,6 @@ class SamplingRequest:
     max_new_tokens: int = 32
     greedy: bool = False
     seed: int | None = None
-    images: list[Any] | None = None
 
     @property
     def flat(self) -> list[str]:
@@ -77,6 +76,7 @@ class SamplingRequest:
 
 class RolloutEngine(ABC):
     seeds_torch = True  # a request's seed seeds torch's global generator (engines that sample with torch)
+    takes_pictures = False  # a prompt's picture reaches the model (a VLM's engine); text engines see only its text
 
     def __init__(self, model: torch.nn.Module, tokenizer: Any, batch_size: int = 256) -> None:
         self.model, self.tok, self.batch_size = model, tokenizer, batch_size

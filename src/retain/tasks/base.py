@@ -18,12 +18,48 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Self, Sequence
 
 from retain.errors import RetainError
 
 CORRECT = 1.0
 MAX_COMPLETION_CHARS = 256  # longer completions are truncated before any parsing: bounded work per completion
+
+
+class PicturePrompt(str):
+    """A visual task's prompt: the question's text (what the model reads after the picture), with the picture it asks
+    about (``image``, a scene of ``retain.vision.render``) and that picture's reference ``answer``.
+
+    It *is* its text (a ``str``), so every part that passes prompts around — data sources, replay, rollouts, rewards —
+    carries the picture with it unchanged, and only the places that encode a prompt for a model look at ``image``
+    (``retain.vision.kind``). The ``answer`` is there because the picture's content is not in the text: a visual
+    reward called without an answer column reads it from here (the model never sees it: it is not encoded). Two
+    picture prompts are equal only when their text and picture are."""
+
+    image: Any
+    answer: str | None
+
+    def __new__(cls, text: str, image: Any, answer: str | None = None) -> Self:
+        prompt = super().__new__(cls, text)
+        prompt.image, prompt.answer = image, answer
+        return prompt
+
+    def __getnewargs__(self) -> tuple[str, Any, str | None]:  # type: ignore[override] - copy and pickle keep the picture
+        return str(self), self.image, self.answer
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, str) and str.__eq__(self, other) and getattr(other, "image", None) == self.image
+
+    def __ne__(self, other: object) -> bool:
+        return not self == other
+
+    def __hash__(self) -> int:
+        return hash((str(self), self.image))
+
+
+def shown_answer(prompt: str, answer: str | None) -> str | None:
+    """The reference a visual reward checks against: the ``answer`` column when given, else the picture prompt's own."""
+    return answer if answer is not None else getattr(prompt, "answer", None)
 
 
 @dataclass(frozen=True)

@@ -14,6 +14,7 @@ the model puts the projected patch features there.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
@@ -123,15 +124,36 @@ def resolve_vlm_path(spec: str | Path) -> str:
     return resolve_model_path(spec)
 
 
-def load_vlm(spec: str | Path, dtype: torch.dtype = torch.float32) -> tuple[PreTrainedModel, ProcessorMixin]:
-    """(model, processor) of a saved VLM directory or hub name, the Hugging Face way (safetensors only)."""
-    path = resolve_vlm_path(spec)
+def is_vlm(spec: str | Path) -> bool:
+    """``vlm``, or a local model directory whose config has a vision tower (a VLM saved with its processor); a hub
+    name is not looked up (download it first)."""
     try:
-        processor = AutoProcessor.from_pretrained(path)
-        model = AutoModelForImageTextToText.from_pretrained(path, use_safetensors=True, dtype=dtype)
+        config = Path(resolve_vlm_path(spec)) / "config.json"
+    except RetainError:  # not a model retain can resolve: the text loader says why
+        return False
+    try:
+        return config.is_file() and "vision_config" in json.loads(config.read_text(encoding="utf-8"))
+    except ValueError:
+        return False
+
+
+def load_processor(spec: str | Path) -> ProcessorMixin:
+    """The processor of a saved VLM directory or hub name (its tokenizer left-padding, for generation)."""
+    try:
+        processor = AutoProcessor.from_pretrained(resolve_vlm_path(spec))
+    except (OSError, ValueError) as err:
+        raise RetainError(f"cannot load the processor of {spec!r}: {str(err).strip().splitlines()[0]}") from None
+    processor.tokenizer.padding_side = "left"
+    return processor
+
+
+def load_vlm(spec: str | Path, dtype: torch.dtype | str = torch.float32) -> tuple[PreTrainedModel, ProcessorMixin]:
+    """(model, processor) of a saved VLM directory or hub name, the Hugging Face way (safetensors only)."""
+    processor = load_processor(spec)
+    try:
+        model = AutoModelForImageTextToText.from_pretrained(resolve_vlm_path(spec), use_safetensors=True, dtype=dtype)
     except (OSError, ValueError) as err:
         raise RetainError(f"cannot load the VLM {spec!r}: {str(err).strip().splitlines()[0]}") from None
-    processor.tokenizer.padding_side = "left"
     model.eval()
     return model, processor
 

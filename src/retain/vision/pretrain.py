@@ -21,7 +21,6 @@ import random
 import resource
 import shutil
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
@@ -30,12 +29,12 @@ import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from retain import tasks as task_registry
-from retain.data import IGNORE, encode_answer, encode_prompt
+from retain.data import TokenPair, encode_answer, encode_prompt
 from retain.files import atomic_write_json
-from retain.losses import sft_loss
+from retain.methods.sft import SFTObjective
 from retain.pretrain import check_mixture, pretrain_split
 from retain.train import TrainConfig, Trainer, lr_lambda, seed_everything
-from retain.vision.model import VISION_EMBEDDED_DIR, VISION_PRESETS, build_vlm, text_view, vision_prompt_text
+from retain.vision.model import VISION_EMBEDDED_DIR, VISION_PRESETS, build_vlm, vision_prompt_text
 from retain.vision.render import COLORS, SHAPES, CardScene, NumberScene, ShapeScene
 
 VISION_MIXTURE = {
@@ -175,20 +174,9 @@ def train_vision_tower(model, processor, cfg: VisionPretrainConfig, log: Callabl
 # ------------------------------------------------------------------------------------- phase 2: the joint model
 
 
-@dataclass
-class VisionBatch:
-    """A right-padded batch whose rows may hold a picture; ``pixel_values`` has one entry per picture, in row order."""
-
-    input_ids: torch.Tensor
-    labels: torch.Tensor
-    pixel_values: torch.Tensor | None
-    num_target_tokens: int
-
-
-Item = tuple[list[int], list[int], Any]  # (prompt ids, answer ids, scene or None)
-
-
-def vision_sampler(processor, mixture: dict[str, float]) -> Callable[[random.Random, int], list[Item]]:
+def vision_sampler(processor, mixture: dict[str, float]) -> Callable[[random.Random, int, int], list[TokenPair]]:
+    """SFT items of the mixture (``SFTObjective``'s sampler): a visual example's picture is drawn afresh each time
+    (a new nuisance seed: jitter, noise) and handed with its pixel values; text examples are text items."""
     tok = processor.tokenizer
     names = [n for n, w in mixture.items() if w > 0]
     weights = [mixture[n] for n in names]
@@ -208,49 +196,19 @@ def vision_sampler(processor, mixture: dict[str, float]) -> Callable[[random.Ran
             pool.append((ids, [encode_answer(tok, a) for a in e.answers], e.image))
         pools[name] = pool
 
-    def sample(rng: random.Random, k: int) -> list[Item]:
-        out = []
+    def sample(rng: random.Random, k: int, step: int) -> list[TokenPair]:
+        out: list[TokenPair] = []
         for name in rng.choices(names, weights, k=k):
             ids, answers, scene = rng.choice(pools[name])
-            if scene is not None:
-                scene = dataclasses.replace(scene, seed=rng.randrange(1 << 30))
-            out.append((ids, rng.choice(answers), scene))
+            if scene is None:
+                out.append((ids, rng.choice(answers)))
+                continue
+            scene = dataclasses.replace(scene, seed=rng.randrange(1 << 30))
+            pixels = processor.image_processor([scene.render()], return_tensors="pt")["pixel_values"]
+            out.append((ids, rng.choice(answers), pixels))
         return out
 
     return sample
-
-
-def collate_vision(items: list[Item], pad_id: int, processor) -> VisionBatch:
-    length = max(len(p) + len(a) for p, a, _ in items)
-    input_ids = torch.full((len(items), length), pad_id, dtype=torch.long)
-    labels = torch.full((len(items), length), IGNORE, dtype=torch.long)
-    for i, (p, a, _) in enumerate(items):
-        input_ids[i, : len(p) + len(a)] = torch.tensor(p + a)
-        labels[i, len(p) : len(p) + len(a)] = torch.tensor(a)
-    images = [scene.render() for _, _, scene in items if scene is not None]
-    pixels = processor.image_processor(images, return_tensors="pt")["pixel_values"] if images else None
-    return VisionBatch(input_ids, labels, pixels, int((labels != IGNORE).sum()))
-
-
-class VisionSFTObjective:
-    """Next-token loss on answers (prompt and picture masked), one batch of ``batch_size`` items a step."""
-
-    def __init__(self, sampler, processor, batch_size: int, seed: int) -> None:
-        self.sampler, self.processor, self.batch_size, self.seed = sampler, processor, batch_size, seed
-
-    def batches(self, step: int) -> list[VisionBatch]:
-        rng = random.Random(self.seed * 1_000_003 + step)
-        return [collate_vision(self.sampler(rng, self.batch_size), self.processor.tokenizer.pad_token_id,
-                               self.processor)]
-
-    def loss(self, model: torch.nn.Module, batch: VisionBatch) -> tuple[torch.Tensor, dict[str, float]]:
-        inputs: dict[str, torch.Tensor] = {"input_ids": batch.input_ids}
-        if batch.pixel_values is not None:
-            inputs["pixel_values"] = batch.pixel_values
-        logits = model(**inputs).logits
-        targets = batch.labels[:, 1:]  # logits at t predict label t+1
-        loss = sft_loss(logits[:, :-1], targets != IGNORE, targets=targets, num_items=batch.num_target_tokens)
-        return loss, {"token_loss": float(loss.detach()), "tokens": float(batch.num_target_tokens)}
 
 
 # ------------------------------------------------------------------------------------- the whole run
@@ -260,16 +218,15 @@ def evaluate_vlm(model, processor, n: int, samples: int, seed: int = 0, visual: 
                  ) -> dict[str, Any]:
     """Text prior skills (through the language model alone) and every split of the ``visual`` tasks (default: all)
     in ``VISUAL_EVAL`` (pass@K on the test splits; the OOD splits greedy only, as sampling dominates the time)."""
-    from retain.evaluate import evaluate
-    from retain.vision.engine import VisionEngine, evaluate_visual
+    from retain.vision.kind import VisionModels
 
-    scores = evaluate(text_view(model), processor.tokenizer, list(TEXT_EVAL), n=n, samples=samples, seed=seed)
-    engine = VisionEngine(model, processor)
+    evaluate = VisionModels(None, processor).evaluator(model, processor.tokenizer, "kv_cache")
+    scores = {name: evaluate(name, n=n, samples=samples, seed=seed) for name in TEXT_EVAL}
     for name, split in VISUAL_EVAL:
         if visual is not None and name not in visual:
             continue
-        scores[name if split == "test" else f"{name}@{split}"] = evaluate_visual(
-            engine, name, n, samples if split == "test" else 0, split, seed)
+        scores[name if split == "test" else f"{name}@{split}"] = evaluate(
+            name, n=n, samples=samples if split == "test" else 0, split=split, seed=seed)
     return scores
 
 
@@ -293,7 +250,8 @@ def _pretrain_vision(cfg: VisionPretrainConfig, out: Path, log: Callable[[dict],
     model, processor = build_vlm(cfg.base, cfg.vision)
     train_vision_tower(model, processor, cfg, log)
     vision_seconds = time.perf_counter() - started
-    objective = VisionSFTObjective(vision_sampler(processor, cfg.mixture), processor, cfg.batch_size, cfg.seed)
+    objective = SFTObjective(vision_sampler(processor, cfg.mixture), processor.tokenizer.pad_token_id, cfg.batch_size,
+                             seed=cfg.seed)
     train_cfg = TrainConfig(steps=cfg.steps, lr=cfg.lr, schedule="cosine", warmup_steps=min(cfg.warmup_steps, cfg.steps),
                             min_lr_ratio=cfg.min_lr_ratio, seed=cfg.seed, log_every=max(1, cfg.steps // 20),
                             max_grad_norm=1.0, fused=False)

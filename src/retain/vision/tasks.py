@@ -13,8 +13,11 @@
   ``vcount`` (how many circles/squares/triangles, 0-4), ``vcolor`` (the colour of the one shape of a kind),
   ``vspatial`` (left/right/above/below of two shapes in a row or column), ``vdigits`` (read a 2-3 digit number).
 
-A picture's content is not in the prompt, so these rewards read the reference ``answer`` (a dataset column, written
-by retain, not by the model) for what was shown; without it they score 0.0. Completions are parsed, never evaluated.
+A picture's content is not in the prompt's text, so these rewards read the reference ``answer`` (a dataset column,
+written by retain, not by the model) for what was shown: the ``answer`` argument when given, else the one the prompt
+carries (each example's prompt is a ``PicturePrompt``: its text, its picture and that picture's reference, so the
+picture and what a verifier needs travel with the prompt through data sources and rollouts); with neither they score
+0.0. Completions are parsed, never evaluated.
 """
 
 from __future__ import annotations
@@ -27,7 +30,7 @@ from itertools import combinations_with_replacement
 from typing import Any
 
 from retain.errors import RetainError
-from retain.tasks.base import CORRECT, Example, Task, clip_completion
+from retain.tasks.base import CORRECT, Example, PicturePrompt, Task, clip_completion, shown_answer
 from retain.tasks.expr import ILLEGAL, score
 from retain.tasks.gpoints import RULES, GeneralPointsTask, card_name, values
 from retain.vision.render import BLACK_SUITS, COLORS, RED_SUITS, SHAPES, CardScene, NumberScene, ShapeScene
@@ -77,6 +80,7 @@ class VisualTask(Task):
 
     modality = "image"
     max_new_tokens = 16
+    partial_credit = True  # evaluation reports the mean reward as ``score`` beside accuracy (cards: per card)
 
     def build_pools(self) -> dict[str, list[Example]]:
         raise NotImplementedError
@@ -118,9 +122,10 @@ class CardRecognitionTask(VisualTask):
         random.Random(f"order|{hand}|{copy}").shuffle(order)  # the cards lie in any order; the answer reads them left to right
         scene = CardScene(tuple(order), _suits((hand, palette, copy), len(hand), palette), seed=copy)
         answer = " ".join(card_name(r) for r in order)
-        return Example(self.prompt, answer, image=scene, meta={"ranks": hand})
+        return Example(PicturePrompt(self.prompt, scene, answer), answer, image=scene, meta={"ranks": hand})
 
     def reward(self, prompt: str, completion: str, answer: str | None = None) -> float:
+        answer = shown_answer(prompt, answer)
         shown = read_ranks(answer) if isinstance(answer, str) else None
         if not isinstance(completion, str) or shown is None:
             return 0.0
@@ -160,9 +165,11 @@ class GeneralPointsVLTask(VisualTask):
         base = self.text_task.example(puzzle)
         answers = tuple(f"{head}: {a}" for a in base.answers)
         meta = {"ranks": ranks, "rule": rule, "target": puzzle.target, "values": values(ranks, rule)}
-        return Example(f"{RULES[rule][0]}, make {puzzle.target}", answers[0], answers, image=scene, meta=meta)
+        prompt = PicturePrompt(f"{RULES[rule][0]}, make {puzzle.target}", scene, answers[0])
+        return Example(prompt, answers[0], answers, image=scene, meta=meta)
 
     def reward(self, prompt: str, completion: str, answer: str | None = None) -> float:
+        answer = shown_answer(prompt, answer)
         if not all(isinstance(x, str) for x in (prompt, completion, answer)):
             return ILLEGAL
         read = _read_vl_prompt(prompt)
@@ -206,10 +213,12 @@ class ExactVisualTask(VisualTask):
             if key in seen:
                 continue
             seen.add(key)
-            pools[_split_of(key, self.name)].append(Example(question, answer, image=scene, meta={"key": key}))
+            example = Example(PicturePrompt(question, scene, answer), answer, image=scene, meta={"key": key})
+            pools[_split_of(key, self.name)].append(example)
         return pools
 
     def reward(self, prompt: str, completion: str, answer: str | None = None) -> float:
+        answer = shown_answer(prompt, answer)
         if not isinstance(answer, str) or not isinstance(completion, str) or not answer:
             return 0.0
         return CORRECT if clip_completion(completion) == answer else 0.0

@@ -1,0 +1,121 @@
+"""The vision-language model kind (``retain.kind``'s seam): what the runner and the method parts need to train and
+measure a VLM with the same code as a text model.
+
+- Loading and saving the Hugging Face way: the model with ``AutoModelForImageTextToText``, the processor saved beside
+  every stage's weights (so a stage directory loads with ``load_vlm`` and resumes).
+- A prompt that shows a picture (``PicturePrompt``) is encoded by the processor (its ``<image>`` expanded to the
+  model's image tokens) and hands its pixel values along: ``encode`` gives SFT's items (``retain.data.collate``
+  stacks the pictures of a batch's rows), ``pixel_values`` the rollout rows' pictures for GRPO's and the shift's
+  forwards. A text prompt encodes as for the text base (every text id is unchanged in the VLM's tokenizer).
+- Rollouts go through ``VisionEngine`` (the processor and ``generate``).
+- A column of a visual task is evaluated on the VLM with its pictures; a text column (the prior skills) on the VLM's
+  language model alone (``text_view``, sharing its weights), with the configured text engine.
+
+What it cannot run is refused when the config is validated (``refusal``), each with its reason.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import PreTrainedTokenizerBase
+
+from retain import tasks as task_registry
+from retain.data import TokenPair, encode_answer, encode_text
+from retain.evaluate import evaluate_task
+from retain.kind import ColumnEvaluator
+from retain.models.loading import enable_gradient_checkpointing, torch_dtype
+from retain.rollout import EngineChoice, make_engine
+from retain.vision.engine import VisionEngine
+from retain.vision.model import is_vlm, load_processor, load_vlm, text_view, vision_prompt_text
+
+
+class VisionModels:
+    """A LLaVA-style VLM and its processor (loaded once from ``spec``; every stage's checkpoint saves the same one)."""
+
+    name = "vision"
+
+    def __init__(self, spec: str | Path | None, processor: Any = None) -> None:
+        self.spec = spec
+        self._processor: Any = processor
+        self._encoded: dict[str, tuple[list[int], torch.Tensor]] = {}  # prompt -> (ids, pixels): processed once
+
+    @classmethod
+    def claims(cls, spec: str | Path) -> bool:
+        return is_vlm(spec)
+
+    @property
+    def processor(self) -> Any:
+        if self._processor is None:
+            self._processor = load_processor(self.spec)
+        return self._processor
+
+    def load(self, spec: Any, *, trust_remote_code: bool = False, dtype: Any = None, device: Any = None,
+             gradient_checkpointing: bool = False) -> tuple[torch.nn.Module, PreTrainedTokenizerBase]:
+        """As ``retain.models.loading.load_model`` (no remote code: a config asking for it is refused)."""
+        model, processor = load_vlm(spec, torch_dtype(dtype))
+        self._processor = self._processor or processor
+        if gradient_checkpointing:
+            enable_gradient_checkpointing(model)
+        if device is not None:
+            model.to(device)
+        return model, self.processor.tokenizer
+
+    def saved_with(self, tokenizer: PreTrainedTokenizerBase) -> Any:
+        return self.processor
+
+    def encode(self, tokenizer: PreTrainedTokenizerBase, prompt: str, answer: str) -> TokenPair:
+        image = getattr(prompt, "image", None)
+        if image is None:
+            return encode_text(tokenizer, prompt, answer)
+        ids, pixels = self._pictured(prompt)
+        return ids, encode_answer(tokenizer, answer), pixels
+
+    def pixel_values(self, prompts: Sequence[str]) -> torch.Tensor | None:
+        pictures = [self._pictured(p)[1] for p in prompts if getattr(p, "image", None) is not None]
+        return torch.cat(pictures) if pictures else None
+
+    def _pictured(self, prompt: Any) -> tuple[list[int], torch.Tensor]:
+        """A picture prompt's ids (its ``<image>`` expanded) and pixel values [1, C, H, W], processed once a run."""
+        if prompt not in self._encoded:
+            enc = self.processor(text=[vision_prompt_text(prompt)], images=[prompt.image.render()], return_tensors="pt")
+            self._encoded[prompt] = (enc["input_ids"][0].tolist(), enc["pixel_values"])
+        return self._encoded[prompt]
+
+    def engine(self, choice: EngineChoice) -> EngineChoice:
+        return lambda model, tokenizer: VisionEngine(model, self.processor)
+
+    def evaluator(self, model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, engine: EngineChoice
+                  ) -> ColumnEvaluator:
+        pictures = VisionEngine(model, self.processor)
+        text = make_engine(engine, text_view(model), tokenizer)
+
+        def evaluate(task_name: str, **kwargs: Any) -> dict[str, Any]:
+            shows = getattr(task_registry.get(task_name), "modality", "text") == "image"
+            return evaluate_task(pictures if shows else text, task_name, **kwargs)
+
+        return evaluate
+
+    def refusal(self, method: Any, where: str) -> str | None:
+        from retain.methods.config import TeacherKLLoss
+
+        for uses, why in (
+            (isinstance(method.loss, TeacherKLLoss),
+             ("loss.kind 'teacher_kl': on-policy distillation scores the student's samples under a teacher loaded "
+              "as a text model, which never sees the picture")),
+            (getattr(method.data, "source_model", None) is not None,
+             "data.source_model: the source model is loaded as a text model and samples without the picture"),
+            (method.replay is not None and method.replay.ratio > 0,
+             ("replay.ratio > 0 keeps its buffers as (prompt, answer) text in the run directory, so a resumed run "
+              "would replay visual questions without their pictures (replay.prior_ratio alone, text prior skills, "
+              "is fine)")),
+        ):
+            if uses:
+                return f"{where}: method {method.name!r} cannot train a vision-language model: {why}"
+        return None
+
+
+__all__ = ["VisionModels"]
