@@ -30,6 +30,12 @@ from retain.tasks.prior import LETTERS
 
 PERMUTATION_REWARD = 0.1
 MIN_LEN, MAX_LEN = 5, 7
+# the task's own prompt first; the others are what template-diverse SFT (``data.prompts: varied``) trains on, and
+# the reward reads every one of them
+TEMPLATES = ("sort {word}", "sort the letters {word}", "{word} in alphabetical order", "alphabetize: {word}",
+             "letters {word}, sorted")
+_WORD = f"([a-z]{{1,{MAX_LEN * 2}}})"
+_PROMPTS = [re.compile(re.escape(t).replace(re.escape("{word}"), _WORD)) for t in TEMPLATES]
 SHARES = (("pretrain", 0.3), ("train", 0.4), ("test", 0.3))  # of the string space, by a stable hash
 
 
@@ -44,12 +50,22 @@ def split_of(word: str) -> str:
     return SHARES[-1][0]
 
 
+def read_word(prompt: str) -> str | None:
+    """The letters a sort prompt (in any of its templates) asks to sort; None for any other text."""
+    if not isinstance(prompt, str):
+        return None
+    for pattern in _PROMPTS:
+        match = pattern.fullmatch(prompt.strip())
+        if match:
+            return match[1]
+    return None
+
+
 class SortTask(Task):
     name = "sort"
     splits = ("pretrain", "train", "test")
     description = f"sort {MIN_LEN}-{MAX_LEN} letters alphabetically"
     size = {"pretrain": 20_000, "train": 20_000, "test": 2_000}
-    _prompt = re.compile(rf"^sort ([a-z]{{1,{MAX_LEN * 2}}})$")
 
     def examples(self, split: str, n: int | None = None, seed: int = 0) -> list[Example]:
         self.check_split(split)
@@ -65,11 +81,17 @@ class SortTask(Task):
         random.Random(seed).shuffle(pool)
         return pool if n is None else pool[:n]
 
+    def prompt_variants(self, prompt: str) -> list[str]:
+        """``prompt`` in every template of ``TEMPLATES`` (the first is the task's own); a prompt this task did not
+        write is returned alone."""
+        match = _PROMPTS[0].fullmatch(prompt)
+        return [t.format(word=match[1]) for t in TEMPLATES] if match else [prompt]
+
     def reward(self, prompt: str, completion: str, answer: str | None = None) -> float:
-        match = self._prompt.match(prompt.strip()) if isinstance(prompt, str) else None
-        if match is None:
+        word = read_word(prompt)
+        if word is None:
             return 0.0
-        target = "".join(sorted(match[1]))
+        target = "".join(sorted(word))
         got = clip_completion(completion)
         if got == target:
             return CORRECT
