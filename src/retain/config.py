@@ -259,7 +259,7 @@ class ExperimentConfig(_Strict):
         kind = self.model_kind()
         if kind.name == "text":
             shown = [(f"stages[{i}].task", s.task) for i, s in enumerate(self.stages)] + [
-                ("eval.tasks", c.partition("@")[0]) for c in self.eval_tasks()]
+                ("eval.tasks", c.partition("@")[0]) for c in self.eval_tasks() if not c.startswith(LM_EVAL_PREFIX)]
             for where, task in shown:
                 if getattr(task_registry.get(task), "modality", "text") == "image":
                     raise RetainError(f"{where}: task {task!r} shows pictures, and model {self.model!r} is a text "
