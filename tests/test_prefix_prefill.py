@@ -70,3 +70,20 @@ def test_levels_are_used_on_shared_prompts(micro_model, tokenizer, monkeypatch):
     engine.generate(SHARED, greedy=True, max_new_tokens=1)
     assert len(calls) == len(cuts) + 1  # the levels and the last level; max_new_tokens=1 decodes nothing more
     assert calls[0] == (1, cuts[0])  # every prompt starts with the chat template's opening: one row
+
+
+@pytest.mark.parametrize("task_name", ["kg", "countdown"])
+def test_embedded_model_greedy_evaluation_unchanged_by_levels(task_name, monkeypatch):
+    """The embedded model's greedy completions of a task's test prompts, every item, with the levels the engine
+    plans and with none (the engine before them): token-identical, so every verdict is unchanged."""
+    from retain import tasks
+    from retain.models.loading import load_model
+
+    model, tok = load_model("base")
+    prompts = [e.prompt for e in tasks.get(task_name).examples("test", 64, seed=0)]
+    engine = make_engine("kv_cache", model, tok)
+    assert prefix_cuts([engine.encode(p) for p in prompts], hf_engine.PREFIX_LEVEL_COST)  # levels are planned
+    with_levels = engine.generate(prompts, greedy=True, max_new_tokens=24)
+    monkeypatch.setattr(hf_engine, "PREFIX_LEVEL_COST", 10**9)
+    without = make_engine("kv_cache", model, tok).generate(prompts, greedy=True, max_new_tokens=24)
+    assert with_levels.completion_ids == without.completion_ids
