@@ -209,7 +209,8 @@ def describe(key: str, ours: dict, ref: dict, evidence: dict | None) -> str:
                 f"{ref['grpo_reward']:.3f}, forward KL (exact) {ours['forward_kl_exact']} vs {ref['forward_kl_exact']}")
     if key == "lmeval":
         return (f"{ours['prompts']} prompts; accuracy retain {ours['accuracy']:.4f}, lm-eval {ref['accuracy']:.4f}; "
-                f"{evidence['items_disagreeing']} items disagreeing; {ours['seconds']:.2f}s vs {ref['seconds']:.2f}s")
+                f"{evidence['items_disagreeing']} items disagreeing; {ours['seconds']:.2f}s vs {ref['seconds']:.2f}s "
+                f"(CPU {ours['cpu_seconds']:.2f}s vs {ref['cpu_seconds']:.2f}s)")
     return (f"reference {evidence['reference']}; TRL tokens/s {evidence['tokens_per_s']}; mean loss "
             f"{evidence['mean_loss']}; target tokens/step {evidence['target_tokens_per_step']}")
 

@@ -16,11 +16,23 @@ PAIRS = [("say", "a"), ("say it", "x" * 60), ("hi", "ok"), ("long one", "y" * 35
 
 
 def test_buckets_are_sorted_and_stay_within_the_token_budget():
-    # sorted: 5 (i0), 30 (i2), 32 (i3), 200 (i4), 400 (i1); 3 × 32 = 96 fits 100, 4 × 200 does not
-    assert length_buckets([5, 400, 30, 32, 200], 100) == [[0, 2, 3], [4], [1]]
-    assert length_buckets([5, 400, 30, 32, 200], 100, max_rows=2) == [[0, 2], [3], [4], [1]]
+    # sorted: 5 (i0), 30 (i2), 32 (i3), 200 (i4), 400 (i1); 200 and 400 alone (two rows of either exceed 100).
+    # Costs of the first three (padded positions + group_cost per group), by hand:
+    #   {5,30,32} 96 + c;  {5},{30,32} 69 + 2c;  {5},{30},{32} 67 + 3c;  {5,30},{32} 92 + 2c
+    assert length_buckets([5, 400, 30, 32, 200], 100) == [[0, 2, 3], [4], [1]]  # c = 128: 224 < 325
+    assert length_buckets([5, 400, 30, 32, 200], 100, group_cost=10) == [[0], [2, 3], [4], [1]]  # 89 < 97 < 106
+    assert length_buckets([5, 400, 30, 32, 200], 100, group_cost=0) == [[0], [2], [3], [4], [1]]  # 67
+    # two rows at most: {5},{30,32} 325 < {5,30},{32} 348
+    assert length_buckets([5, 400, 30, 32, 200], 100, max_rows=2) == [[0], [2, 3], [4], [1]]
     assert length_buckets([7, 7, 7], 1000) == [[0, 1, 2]]
     assert length_buckets([], 10) == []
+
+
+def test_buckets_split_long_from_short_within_a_large_budget():
+    # the rule before filled each group up to the budget: 31 short sequences and one of 400 became one group of
+    # 32 × 400 = 12800 padded positions for 1330 real ones; the cheapest split keeps the long one apart
+    lengths = [30] * 31 + [400]
+    assert length_buckets(lengths, 16384) == [list(range(31)), [31]]
 
 
 def _loss_and_grads(objective, model):

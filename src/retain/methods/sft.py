@@ -59,7 +59,8 @@ class SFTObjective:
 
     ``micro_batch_tokens`` (length bucketing): the step's sequences are sorted by length and cut into micro-batches
     of at most that many padded tokens (and at most ``micro_batch_size`` rows when that is given too), so short and
-    long sequences stop sharing a padded row length. The step's examples and its loss are unchanged — every
+    long sequences stop sharing a padded row length; the cuts are the ones with the fewest padded positions plus a
+    fixed price per micro-batch (``retain.data.length_buckets``). The step's examples and its loss are unchanged — every
     micro-batch is still normalised by the whole step's target tokens — only the padding (and float summation order)
     differ (bench/sft_varlen.py measures it on data of 5-400 tokens)."""
 

@@ -11,6 +11,11 @@ decoding are the base class's).
   What it does not compute, on the same results (greedy completions are token-identical to ``HFGenerateEngine``):
 
   * each distinct prompt is prefilled once per batch and its cache copied to its ``n`` sample rows;
+  * prefixes shared by several prompts of a batch (the chat template's opening, a task's instruction) are prefilled
+    once, in levels, their cache rows copied to the prompts that extend them (``retain.rollout.prefix`` plans the cuts
+    by cost; with no cut worth a forward it is one left-padded prefill). Task prompts share most of their tokens: this
+    cuts the prefill — most of a greedy evaluation's time — by 2-4x on the embedded tasks (kg 0.37, countdown 0.23 of
+    the padded token positions);
   * rows are batched sorted by prompt length (results go back in request order), so a batch has little or no
     left padding — none at all means no attention mask;
   * finished rows leave the batch (their cache rows are dropped) once a quarter of it has finished: completions of
@@ -28,7 +33,11 @@ from transformers.cache_utils import Cache, DynamicLayer
 
 from retain.data import left_pad
 from retain.rollout.base import RolloutEngine, SamplingRequest
+from retain.rollout.prefix import prefix_cuts, prefix_levels
 
+# one more prefill forward, priced in token positions (prefix_cuts): at the embedded model's size on CPU a forward's
+# fixed cost is about what 20-40 token positions of compute are
+PREFIX_LEVEL_COST = 32
 DROP_SHARE = 4  # drop finished rows from a decoding batch once at least 1/DROP_SHARE of its rows have finished
 
 
@@ -84,23 +93,17 @@ class KVCacheSamplerEngine(RolloutEngine):
         eos, pad = self.tok.eos_token_id, self.tok.pad_token_id
         distinct = list(dict.fromkeys(row_prompts))
         index = {p: i for i, p in enumerate(distinct)}
-        ids, mask = left_pad([encoded[p] for p in distinct], pad)
-        ids, mask = ids.to(device), mask.to(device)
-        padded = bool((mask == 0).any())
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)
-        cache = self._new_cache(ids.shape[1] + max_new_tokens)
-        out = self.model(
-            input_ids=ids, attention_mask=mask if padded else None, position_ids=positions, cache=cache,
-            use_cache=True, logits_to_keep=1,
-        )
+        out, cache, mask, positions = self._prefill([encoded[p] for p in distinct], device, max_new_tokens)
+        padded = mask is not None
         logits = out.logits[:, -1, :]
         rows = len(row_prompts)
         next_pos = positions[:, -1] + 1
         if rows != len(distinct):
             expand = torch.tensor([index[p] for p in row_prompts], device=device)
             cache.batch_select_indices(expand)
-            logits, next_pos, mask = logits[expand], next_pos[expand], mask[expand]
-        prompt_len = ids.shape[1]
+            logits, next_pos = logits[expand], next_pos[expand]
+            mask = mask[expand] if padded else None
+        prompt_len = cache.get_seq_length()
         if padded:  # the whole attention mask up front; step t attends to its first prompt_len + t + 1 columns
             mask = torch.cat([mask, mask.new_ones(rows, max_new_tokens)], dim=1)
         tokens = torch.full((rows, max_new_tokens), pad, dtype=torch.long, device=device)
@@ -133,6 +136,35 @@ class KVCacheSamplerEngine(RolloutEngine):
             logits = out.logits[:, -1, :]
             next_pos = next_pos + 1
         return tokens.tolist()  # cut at eos once, by RolloutEngine.run
+
+    def _prefill(self, prompts: list[list[int]], device, max_new_tokens: int):
+        """Prefill distinct prompts: (model output with the last column's logits, cache, attention mask over the
+        cache's columns or None when no row is padded, position ids of the last level). Shared prefixes are computed
+        once per level (``prefix_cuts``); each prompt's rest comes last, right-aligned (its padding, if any, sits
+        between its prefix and its rest, masked), so the last column of every row is its prompt's last token. With
+        no cut this is one left-padded prefill of whole prompts."""
+        cuts = prefix_cuts(prompts, PREFIX_LEVEL_COST)
+        width = max(len(p) for p in prompts)
+        cache = self._new_cache(width + max_new_tokens)
+        start, rows = 0, None  # columns computed so far; each prompt's cache row (None: one row per prompt)
+        for cut, (heads, row) in zip(cuts, prefix_levels(prompts, cuts)):
+            if rows is not None:
+                cache.batch_select_indices(torch.tensor([rows[h] for h in heads], device=device))
+            ids = torch.tensor([prompts[h][start:cut] for h in heads], device=device)
+            self.model(input_ids=ids, position_ids=torch.arange(start, cut, device=device).expand(len(heads), -1),
+                       cache=cache, use_cache=True, logits_to_keep=1)
+            start, rows = cut, row
+        if rows is not None:
+            cache.batch_select_indices(torch.tensor(rows, device=device))
+        ids, rest_mask = left_pad([p[start:] for p in prompts], self.tok.pad_token_id)
+        mask = torch.cat([rest_mask.new_ones(len(prompts), start), rest_mask], dim=1).to(device)
+        padded = bool((rest_mask == 0).any())
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)[:, start:]
+        out = self.model(
+            input_ids=ids.to(device), attention_mask=mask if padded else None, position_ids=positions, cache=cache,
+            use_cache=True, logits_to_keep=1,
+        )
+        return out, cache, mask if padded else None, positions
 
     def _new_cache(self, capacity: int) -> Cache:
         """A buffer cache of ``capacity`` positions when every layer is full attention, else transformers' own."""
@@ -174,6 +206,11 @@ class _BufferLayer(DynamicLayer):
         return self.length
 
     def batch_select_indices(self, indices: torch.Tensor) -> None:
-        if self.is_initialized:
-            self._k, self._v = self._k.index_select(0, indices), self._v.index_select(0, indices)
+        if self.is_initialized:  # copies the filled columns only (the rest of the buffer is still to be written)
+            self._k, self._v = self._selected(self._k, indices), self._selected(self._v, indices)
             self.keys, self.values = self._k[:, :, : self.length], self._v[:, :, : self.length]
+
+    def _selected(self, buffer: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+        out = buffer.new_empty((len(indices),) + buffer.shape[1:])
+        torch.index_select(buffer[:, :, : self.length], 0, indices, out=out[:, :, : self.length])
+        return out
