@@ -5,7 +5,7 @@ import pytest
 
 from retain.rollout import hf as hf_engine
 from retain.rollout import make_engine
-from retain.rollout.prefix import prefix_cuts, prefix_ids, prefix_levels
+from retain.rollout.prefix import prefix_cuts, prefix_ids, prefix_levels, prefix_plan
 
 # three prompts: all share [1, 2]; the first two share [1, 2, 3]
 PROMPTS = [[1, 2, 3, 4], [1, 2, 3, 5], [1, 2, 6, 7]]
@@ -87,3 +87,16 @@ def test_embedded_model_greedy_evaluation_unchanged_by_levels(task_name, monkeyp
     monkeypatch.setattr(hf_engine, "PREFIX_LEVEL_COST", 10**9)
     without = make_engine("kv_cache", model, tok).generate(prompts, greedy=True, max_new_tokens=24)
     assert with_levels.completion_ids == without.completion_ids
+
+
+def test_prefix_plan_is_the_cuts_with_their_levels_in_one_pass():
+    import random
+
+    rng = random.Random(0)
+    batches = [PROMPTS, [[1, 2, 3]], [[1, 2], [3, 4], [5, 6]]]
+    batches += [[[1, 2] + [rng.randint(3, 5) for _ in range(rng.randint(2, 6))] for _ in range(12)] for _ in range(5)]
+    for prompts in batches:
+        for cost in (0, 2, 32):
+            cuts = prefix_cuts(prompts, cost)
+            expected = [(c, heads, row) for c, (heads, row) in zip(cuts, prefix_levels(prompts, cuts))]
+            assert prefix_plan(prompts, cost) == expected

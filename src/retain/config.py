@@ -271,7 +271,8 @@ class ExperimentConfig(_Strict):
                 raise RetainError(said)
         for where, wrong, why in (
             ("mode", self.mode == "streaming", "streaming mode trains text models only"),
-            ("engine", self.engine == "vllm", "the vllm engine does not take pictures yet (kv_cache or hf: the VLM's generate)"),
+            ("engine", self.engine == "vllm", "the vllm engine does not take pictures yet (kv_cache or hf: the VLM's "
+                                              "generate)"),
             ("eval.lm_eval", self.eval.lm_eval is not None, "lm-evaluation-harness columns score text models only"),
             ("trust_remote_code", self.trust_remote_code, "retain loads VLMs with transformers' own classes only"),
         ):

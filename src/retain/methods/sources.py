@@ -98,7 +98,8 @@ def varied_prompts(task, pairs: list[Pair], what: str) -> list[Pair]:
     and each template is drawn equally often (Debunk, arXiv 2510.00237)."""
     variants = getattr(task, "prompt_variants", None)
     if variants is None:
-        raise RetainError(f"{what}: data.prompts 'varied' needs a task with prompt templates (gpoints and sort have them)")
+        raise RetainError(f"{what}: data.prompts 'varied' needs a task with prompt templates (gpoints and sort "
+                          "have them)")
     return [(v, a) for p, a in pairs for v in variants(p)]
 
 

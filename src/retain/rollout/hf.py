@@ -33,9 +33,9 @@ from transformers.cache_utils import Cache, DynamicLayer
 
 from retain.data import left_pad
 from retain.rollout.base import RolloutEngine, SamplingRequest
-from retain.rollout.prefix import prefix_cuts, prefix_levels
+from retain.rollout.prefix import prefix_plan
 
-# one more prefill forward, priced in token positions (prefix_cuts): at the embedded model's size on CPU a forward's
+# one more prefill forward, priced in token positions (prefix_plan): at the embedded model's size on CPU a forward's
 # fixed cost is about what 20-40 token positions of compute are
 PREFIX_LEVEL_COST = 32
 DROP_SHARE = 4  # drop finished rows from a decoding batch once at least 1/DROP_SHARE of its rows have finished
@@ -140,14 +140,13 @@ class KVCacheSamplerEngine(RolloutEngine):
     def _prefill(self, prompts: list[list[int]], device, max_new_tokens: int):
         """Prefill distinct prompts: (model output with the last column's logits, cache, attention mask over the
         cache's columns or None when no row is padded, position ids of the last level). Shared prefixes are computed
-        once per level (``prefix_cuts``); each prompt's rest comes last, right-aligned (its padding, if any, sits
+        once per level (``prefix_plan``); each prompt's rest comes last, right-aligned (its padding, if any, sits
         between its prefix and its rest, masked), so the last column of every row is its prompt's last token. With
         no cut this is one left-padded prefill of whole prompts."""
-        cuts = prefix_cuts(prompts, PREFIX_LEVEL_COST)
         width = max(len(p) for p in prompts)
         cache = self._new_cache(width + max_new_tokens)
         start, rows = 0, None  # columns computed so far; each prompt's cache row (None: one row per prompt)
-        for cut, (heads, row) in zip(cuts, prefix_levels(prompts, cuts)):
+        for cut, heads, row in prefix_plan(prompts, PREFIX_LEVEL_COST):
             if rows is not None:
                 cache.batch_select_indices(torch.tensor([rows[h] for h in heads], device=device))
             ids = torch.tensor([prompts[h][start:cut] for h in heads], device=device)

@@ -36,8 +36,27 @@ def prefix_cuts(prompts: Sequence[Sequence[int]], level_cost: int) -> list[int]:
     """The cuts of the cheapest shared-prefix plan (empty: one padded prefill is cheapest)."""
     if len(prompts) < 2:
         return []
+    return _cheapest_cuts(prompts, prefix_ids(prompts, min(len(p) for p in prompts) - 1), level_cost)
+
+
+def prefix_levels(prompts: Sequence[Sequence[int]], cuts: Sequence[int]) -> list[tuple[list[int], list[int]]]:
+    """Per cut, ``(heads, row)``: one prompt index per distinct prefix of that length (the level's batch rows, in
+    order of first appearance) and, for every prompt, the row of its prefix in that level."""
+    ids = prefix_ids(prompts, max(cuts, default=0))
+    return [_level(ids[c]) for c in cuts]
+
+
+def prefix_plan(prompts: Sequence[Sequence[int]], level_cost: int) -> list[tuple[int, list[int], list[int]]]:
+    """``prefix_cuts`` and ``prefix_levels`` in one pass over the prompts (what an engine calls on every batch):
+    ``(cut, heads, row)`` per level of the cheapest plan."""
+    if len(prompts) < 2:
+        return []
+    ids = prefix_ids(prompts, min(len(p) for p in prompts) - 1)  # every useful cut is below the shortest prompt
+    return [(c, *_level(ids[c])) for c in _cheapest_cuts(prompts, ids, level_cost)]
+
+
+def _cheapest_cuts(prompts: Sequence[Sequence[int]], ids: list[list[int]], level_cost: int) -> list[int]:
     shortest, longest = min(len(p) for p in prompts), max(len(p) for p in prompts)
-    ids = prefix_ids(prompts, shortest - 1)
     distinct = [len(set(level)) for level in ids]
     candidates = [c for c in range(1, shortest) if c == shortest - 1 or distinct[c + 1] > distinct[c]]
     best: dict[int, tuple[int, list[int]]] = {0: (0, [])}  # cut -> (cost of the levels up to it, its cuts)
@@ -46,17 +65,11 @@ def prefix_cuts(prompts: Sequence[Sequence[int]], level_cost: int) -> list[int]:
     return min((cost + len(prompts) * (longest - c) + level_cost, cuts) for c, (cost, cuts) in best.items())[1]
 
 
-def prefix_levels(prompts: Sequence[Sequence[int]], cuts: Sequence[int]) -> list[tuple[list[int], list[int]]]:
-    """Per cut, ``(heads, row)``: one prompt index per distinct prefix of that length (the level's batch rows, in
-    order of first appearance) and, for every prompt, the row of its prefix in that level."""
-    ids = prefix_ids(prompts, max(cuts, default=0))
-    levels = []
-    for c in cuts:
-        row_of: dict[int, int] = {}
-        heads: list[int] = []
-        for i, name in enumerate(ids[c]):
-            if name not in row_of:
-                row_of[name] = len(heads)
-                heads.append(i)
-        levels.append((heads, [row_of[name] for name in ids[c]]))
-    return levels
+def _level(names: list[int]) -> tuple[list[int], list[int]]:
+    row_of: dict[int, int] = {}
+    heads: list[int] = []
+    for i, name in enumerate(names):
+        if name not in row_of:
+            row_of[name] = len(heads)
+            heads.append(i)
+    return heads, [row_of[name] for name in names]
