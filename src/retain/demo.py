@@ -130,17 +130,20 @@ class DemoPreset(BaseModel):
 # reward) with 16 prompts × 8 lost greedy accuracy at 1e-4 and 3e-4 over 64 steps and gained nothing by 160; with 32
 # prompts × 8 at 1e-4 it gained +6.5 pts by step 60 and +10.5 by step 160 (prior −8.4 pts). The lr grid spans both
 # methods' useful range; the default's 48 steps are what fits `make demo`'s 15 minutes, short of GRPO's +10 (the
-# learned gate says so); --full gives every method 160 steps.
+# learned gate says so). The first core grid (160 steps, 8 seeds, this lr grid; README) was the pilot for the stage
+# budget: SFT gained +20.3 pts there, GRPO +6.1 [+3.5, +8.7] with its best checkpoints mostly the last (still
+# climbing); GRPO at 320 steps (seed 0, lrs 1e-4 and 2e-4, main at 41160ae) gained +18.0 pts held-out (test half)
+# at lr 1e-4, passing +10 between steps 160 and 280 on the selection half. So core and --full give every method
+# 320 steps a stage.
 PRESETS = {
     "quick": DemoPreset(name="quick", seeds=[0], lrs=[1e-4, 4e-4], steps=20, checkpoints=4, shift_prompts=16,
                         token_examples=128),
     "default": DemoPreset(name="default", seeds=[0, 1, 2], lrs=[5e-5, 1e-4, 2e-4, 4e-4], steps=48),
-    # core: finding 2 decided with power — SFT against GRPO on sort at --full's stage budget (160 steps, 8
-    # checkpoints), 8 seeds, the default's 4-lr grid; 64 runs: 95 min on this 2-core machine beside other work
-    # (load ~7), about 75 min alone; peak ~2.3 GB
-    "core": DemoPreset(name="core", seeds=list(range(8)), lrs=[5e-5, 1e-4, 2e-4, 4e-4], steps=160, checkpoints=8),
+    # core: finding 2 decided with power — SFT against GRPO on sort at --full's stage budget (320 steps, 8
+    # checkpoints), 8 seeds, the default's 4-lr grid; 64 runs
+    "core": DemoPreset(name="core", seeds=list(range(8)), lrs=[5e-5, 1e-4, 2e-4, 4e-4], steps=320, checkpoints=8),
     "full": DemoPreset(name="full", sequence=list(FULL_SEQUENCE), methods=list(FULL_METHODS),
-                       seeds=list(range(8)), lrs=[2.5e-5, 5e-5, 1e-4, 2e-4, 4e-4], steps=160, checkpoints=8,
+                       seeds=list(range(8)), lrs=[2.5e-5, 5e-5, 1e-4, 2e-4, 4e-4], steps=320, checkpoints=8,
                        shift_prompts=64, token_examples=512, samples_per_prompt=4),
 }
 

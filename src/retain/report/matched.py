@@ -47,8 +47,8 @@ NOT_REACHED = "not reached"
 # the presets that fit `make demo`'s minutes are short of GRPO's learning on the embedded model; a "not reached" there
 # points at the preset that gives the same contrast --full's stage budget and the seeds to decide it
 SHORT_PRESETS = ("quick", "default")
-SHORT_PRESETS_NOTE = ("this preset's budget fits minutes; `retain demo --preset core` runs the same contrast at 160 "
-                      "steps × 8 seeds (64 runs, about 75 min on 2 cores)")
+SHORT_PRESETS_NOTE = ("this preset's budget fits minutes; `retain demo --preset core` runs the same contrast at 320 "
+                      "steps × 8 seeds (64 runs, about an hour on 2 cores)")
 NOT_RUN = "not run"
 
 READOUTS = {
