@@ -13,7 +13,7 @@ from retain.errors import RetainError
 from retain.sweep import expand
 
 
-@pytest.mark.parametrize("name", ["default", "core", "full"])
+@pytest.mark.parametrize("name", ["default", "core", "full", "atomic"])
 def test_every_method_gets_the_same_steps_warmup_and_lr_grid(name: str) -> None:
     preset = PRESETS[name]
     runs = expand(demo_sweep(preset, preset.methods), name)

@@ -208,7 +208,8 @@ def demo(
     quick: bool = typer.Option(False, "--quick", help="a few minutes: one seed, two learning rates, SFT and GRPO"),
     full: bool = typer.Option(False, "--full", help="8 seeds, 5 learning rates, 17 methods, sort → GeneralPoints (days here)"),
     preset_name: Optional[str] = typer.Option(None, "--preset", help="a preset by name: quick, default, core (SFT "
-                                              "against GRPO with 8 seeds at 160 steps, ~75 min here), full"),
+                                              "against GRPO with 8 seeds at 160 steps, ~75 min here), full, atomic "
+                                              "(finding 13: atomic-fact SFT, then SFT or GRPO on kg two-hop)"),
     methods: Optional[str] = typer.Option(None, help="comma-separated methods (default: the preset's)"),
     workers: int = typer.Option(2, min=1, help="runs in parallel (one torch thread each)"),
     backend: str = typer.Option("local", help="where the runs execute: local (processes) or ray"),

@@ -29,7 +29,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from retain.errors import RetainError
 from retain.files import atomic_write_json
@@ -46,6 +46,13 @@ SEQUENCE = ["sort"]
 # --full: a sequence, for Lai's first-task forgetting (finding 1) and Chu's GeneralPoints OOD readout right after the
 # GeneralPoints stage (findings 6 and 14)
 FULL_SEQUENCE = ["sort", "gpoints"]
+# --preset atomic (finding 13, Atomic): SFT on the atomic facts, then the two-hop questions under the method compared
+ATOMIC_SEQUENCE = ["facts", "kg"]
+# each stage task's OOD columns: GeneralPoints' rule shift; the knowledge graph's two shifts read apart (unseen
+# compositions of seen relations, the held-out relation), never pooled into kg@ood
+OOD_COLUMNS = {"gpoints": ["gpoints@ood"], "kg": ["kg@ood_composition", "kg@ood_zeroshot"]}
+# OOD columns read at every checkpoint, not only at stage ends: finding 13 decides on them at matched gain
+CHECKPOINT_OOD = ("kg",)
 
 
 def on_policy(method: str) -> bool:
@@ -80,18 +87,39 @@ class DemoPreset(BaseModel):
     # sort strings made the default demo 774 s on a loaded machine, too close to `make demo`'s 15 minutes) and the
     # training-prompt columns (200 prompts): fixed by eval_seed, the same items for every run
     n_per_task: dict[str, int | None] = Field(default_factory=lambda: {"reverse": 300, "sort": 400, "sort@train": 200,
-                                                                       "gpoints@train": 200})
+                                                                       "gpoints@train": 200, "kg@train": 200})
     shift_prompts: int = 32
     token_examples: int = 256
     samples_per_prompt: int = 1  # self-SFT and iterative SFT: samples of every training prompt
     replay_prior: float = 0.25  # replay: the share of each batch from the prior skills' data (ptx)
+    # stages every arm trains the same way (task → method preset, at fixed_lr, the preset's steps and warmup): the
+    # atomic SFT stage of finding 13, so each seed's arms start the compared stage from the same model; the compared
+    # method and the lr grid apply to the other stages
+    fixed_stages: dict[str, str] = Field(default_factory=dict)
+    fixed_lr: float = Field(1e-4, gt=0)
+
+    @model_validator(mode="after")
+    def _fixed_stages_are_stages(self) -> DemoPreset:
+        stray = [t for t in self.fixed_stages if t not in self.sequence]
+        if stray:
+            raise ValueError(f"fixed_stages: {', '.join(stray)} not in the sequence ({', '.join(self.sequence)})")
+        if len(self.fixed_stages) >= len(self.sequence):
+            raise ValueError("fixed_stages: at least one stage must train the method compared")
+        return self
 
     def eval_columns(self) -> list[str]:
-        """Each stage task on its full held-out split and on its training prompts (apart, SPEC §2.4), GeneralPoints'
-        rule-shift OOD split, and the prior skills. Countdown's OOD split (four digits) is left out: the base model
-        scores 0 there even at pass@16."""
-        ood = [f"{t}@ood" for t in self.sequence if t in ("gpoints", "kg")]
-        return [*self.sequence, *ood, "prior", *[f"{t}@train" for t in self.sequence]]
+        """Each stage task on its full held-out split and on its training prompts (apart, SPEC §2.4; a fixed stage
+        is not compared, so it has no training-prompt column), the OOD splits of :data:`OOD_COLUMNS`, and the prior
+        skills. Countdown's OOD split (four digits) is left out: the base model scores 0 there even at pass@16."""
+        ood = [c for t in self.sequence for c in OOD_COLUMNS.get(t, [])]
+        trained = [f"{t}@train" for t in self.sequence if t not in self.fixed_stages]
+        return [*self.sequence, *ood, "prior", *trained]
+
+    def checkpoint_columns(self) -> list[str]:
+        """What every in-stage checkpoint evaluates: the stage tasks, the OOD columns a finding decides on along the
+        stage (:data:`CHECKPOINT_OOD`), the prior skills."""
+        ood = [c for t in self.sequence if t in CHECKPOINT_OOD for c in OOD_COLUMNS[t]]
+        return [*self.sequence, *ood, "prior"]
 
     def budget(self, method: str) -> dict[str, Any]:
         """What one stage gives ``method``: steps, and sequences per step (rollouts for GRPO)."""
@@ -113,13 +141,19 @@ class DemoPreset(BaseModel):
             out["replay"] = {"prior_ratio": self.replay_prior}
         return out
 
+    def stage_dict(self, task: str) -> dict[str, Any]:
+        """One stage: a fixed stage carries its own method (the sweep's ``method`` grid sets the others)."""
+        if task in self.fixed_stages:
+            return {"task": task, "method": self.method_dict(self.fixed_stages[task], self.fixed_lr)}
+        return {"task": task}
+
     def experiment(self, name: str, method: str, lr: float, seed: int, base: str) -> dict[str, Any]:
         return {
             "name": name, "model": base, "seed": seed, "method": self.method_dict(method, lr),
-            "stages": [{"task": t} for t in self.sequence],
+            "stages": [self.stage_dict(t) for t in self.sequence],
             "eval": {"tasks": self.eval_columns(), "n": None, "n_per_task": dict(self.n_per_task),
                      "seed": self.eval_seed, "checkpoints": self.checkpoints,
-                     "checkpoint_tasks": [*self.sequence, "prior"], "nll": ["prior"]},
+                     "checkpoint_tasks": self.checkpoint_columns(), "nll": ["prior"]},
             "shift": {"prompts": self.shift_prompts, "samples": 1},
         }
 
@@ -145,6 +179,15 @@ PRESETS = {
     "full": DemoPreset(name="full", sequence=list(FULL_SEQUENCE), methods=list(FULL_METHODS),
                        seeds=list(range(8)), lrs=[2.5e-5, 5e-5, 1e-4, 2e-4, 4e-4], steps=320, checkpoints=8,
                        shift_prompts=64, token_examples=512, samples_per_prompt=4),
+    # atomic: finding 13 (Atomic, arXiv 2512.01970) — SFT on the 420 atomic facts, then GRPO on the two-hop
+    # questions, against SFT on the atomic facts then SFT on the two-hop questions. The atomic stage is the same in
+    # both arms (SFT at fixed_lr 1e-4, the SFT pilot's lr on sort; the base already recalls every fact, so it
+    # consolidates rather than teaches), so a seed's arms start the two-hop stage from one model and differ only in
+    # its method; the x-axis is kg's held-out two-hop gain (held-out people, seen path types), the readouts the
+    # unseen-composition and held-out-relation splits, apart. core's stage budget, checkpoints, lr grid and seeds:
+    # 64 runs of two stages
+    "atomic": DemoPreset(name="atomic", sequence=list(ATOMIC_SEQUENCE), fixed_stages={"facts": "sft"},
+                         seeds=list(range(8)), lrs=[5e-5, 1e-4, 2e-4, 4e-4], steps=320, checkpoints=8),
 }
 
 
