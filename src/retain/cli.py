@@ -207,9 +207,12 @@ def demo(
     out: Path = typer.Option(Path("runs/demo"), help="demo directory (re-running resumes it)"),
     quick: bool = typer.Option(False, "--quick", help="a few minutes: one seed, two learning rates, SFT and GRPO"),
     full: bool = typer.Option(False, "--full", help="8 seeds, 5 learning rates, 17 methods, sort → GeneralPoints (days here)"),
+    vision: bool = typer.Option(False, "--vision", help="the embedded VLM: SFT against GRPO on GeneralPoints-VL → "
+                                "vcolor, the visual findings (= --preset vision)"),
     preset_name: Optional[str] = typer.Option(None, "--preset", help="a preset by name: quick, default, core (SFT "
-                                              "against GRPO with 8 seeds at 160 steps, ~75 min here), full, atomic "
-                                              "(finding 13: atomic-fact SFT, then SFT or GRPO on kg two-hop)"),
+                                              "against GRPO with 8 seeds at 320 steps, about an hour here), full, "
+                                              "atomic (finding 13: atomic-fact SFT, then SFT or GRPO on kg two-hop), "
+                                              "vision"),
     methods: Optional[str] = typer.Option(None, help="comma-separated methods (default: the preset's)"),
     workers: int = typer.Option(2, min=1, help="runs in parallel (one torch thread each)"),
     backend: str = typer.Option("local", help="where the runs execute: local (processes) or ray"),
@@ -226,9 +229,9 @@ def demo(
     from retain.demo import run_demo
     from retain.tracking import parse_report_to
 
-    if quick + full + (preset_name is not None) > 1:
-        raise RetainError("--quick, --full and --preset exclude each other")
-    preset = preset_name or ("quick" if quick else "full" if full else "default")
+    if quick + full + vision + (preset_name is not None) > 1:
+        raise RetainError("--quick, --full, --vision and --preset exclude each other")
+    preset = preset_name or ("quick" if quick else "full" if full else "vision" if vision else "default")
     console = Console(stderr=True)
     bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                    TimeRemainingColumn(), console=console)

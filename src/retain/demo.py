@@ -48,9 +48,17 @@ SEQUENCE = ["sort"]
 FULL_SEQUENCE = ["sort", "gpoints"]
 # --preset atomic (finding 13, Atomic): SFT on the atomic facts, then the two-hop questions under the method compared
 ATOMIC_SEQUENCE = ["facts", "kg"]
+# --vision: the embedded VLM on GeneralPoints-VL (Chu's OOD and perception readouts, right after its stage) and then
+# a visual question task (vcolor: the one the VLM's SFT and GRPO both moved in 60 steps, README), for Lai's
+# first-task forgetting and average accuracy over a visual sequence
+VISION_SEQUENCE = ["gpoints_vl", "vcolor"]
+VISION_PROBES = ["cards", "cards@ood"]  # card recognition, the perception probe: black suits, and red (OOD)
 # each stage task's OOD columns: GeneralPoints' rule shift; the knowledge graph's two shifts read apart (unseen
-# compositions of seen relations, the held-out relation), never pooled into kg@ood
-OOD_COLUMNS = {"gpoints": ["gpoints@ood"], "kg": ["kg@ood_composition", "kg@ood_zeroshot"]}
+# compositions of seen relations, the held-out relation), never pooled into kg@ood; GeneralPoints-VL's rule shift and
+# visual shift (red suits) apart. Countdown's OOD split (four digits) is left out: the base model scores 0 there even
+# at pass@16.
+OOD_COLUMNS = {"gpoints": ["gpoints@ood"], "kg": ["kg@ood_composition", "kg@ood_zeroshot"],
+               "gpoints_vl": ["gpoints_vl@ood", "gpoints_vl@ood_visual"]}
 # OOD columns read at every checkpoint, not only at stage ends: finding 13 decides on them at matched gain
 CHECKPOINT_OOD = ("kg",)
 
@@ -71,10 +79,12 @@ class DemoPreset(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     name: str
+    model: str = "base"  # every run starts from it: the embedded text base, or the embedded VLM ("vlm")
     sequence: list[str] = Field(default_factory=lambda: list(SEQUENCE))
     methods: list[str] = Field(default_factory=lambda: list(METHODS))
     seeds: list[int]
     lrs: list[float] = Field(min_length=1)  # one grid for every method
+    lr_note: str = ""  # why the grid has fewer than 4 lrs, where it does (a preset sized to fit its compute)
     steps: int = Field(ge=1)  # optimizer steps per stage, every method
     warmup_steps: int = Field(4, ge=0)
     checkpoints: int = Field(5, ge=1)
@@ -88,6 +98,10 @@ class DemoPreset(BaseModel):
     # training-prompt columns (200 prompts): fixed by eval_seed, the same items for every run
     n_per_task: dict[str, int | None] = Field(default_factory=lambda: {"reverse": 300, "sort": 400, "sort@train": 200,
                                                                        "gpoints@train": 200, "kg@train": 200})
+    # columns no stage trains besides the prior skills, read by the findings (the VLM's card recognition)
+    probes: list[str] = Field(default_factory=list)
+    # columns of the in-stage checkpoints; None: see checkpoint_columns
+    checkpoint_tasks: list[str] | None = None
     shift_prompts: int = 32
     token_examples: int = 256
     samples_per_prompt: int = 1  # self-SFT and iterative SFT: samples of every training prompt
@@ -109,15 +123,17 @@ class DemoPreset(BaseModel):
 
     def eval_columns(self) -> list[str]:
         """Each stage task on its full held-out split and on its training prompts (apart, SPEC §2.4; a fixed stage
-        is not compared, so it has no training-prompt column), the OOD splits of :data:`OOD_COLUMNS`, and the prior
-        skills. Countdown's OOD split (four digits) is left out: the base model scores 0 there even at pass@16."""
+        is not compared, so it has no training-prompt column), the OOD splits of :data:`OOD_COLUMNS`, the probes, and
+        the prior skills."""
         ood = [c for t in self.sequence for c in OOD_COLUMNS.get(t, [])]
         trained = [f"{t}@train" for t in self.sequence if t not in self.fixed_stages]
-        return [*self.sequence, *ood, "prior", *trained]
+        return [*self.sequence, *ood, *self.probes, "prior", *trained]
 
     def checkpoint_columns(self) -> list[str]:
-        """What every in-stage checkpoint evaluates: the stage tasks, the OOD columns a finding decides on along the
-        stage (:data:`CHECKPOINT_OOD`), the prior skills."""
+        """What every in-stage checkpoint evaluates: ``checkpoint_tasks`` when the preset names them, else the stage
+        tasks, the OOD columns a finding decides on along the stage (:data:`CHECKPOINT_OOD`), the prior skills."""
+        if self.checkpoint_tasks is not None:
+            return list(self.checkpoint_tasks)
         ood = [c for t in self.sequence if t in CHECKPOINT_OOD for c in OOD_COLUMNS[t]]
         return [*self.sequence, *ood, "prior"]
 
@@ -188,12 +204,34 @@ PRESETS = {
     # 64 runs of two stages
     "atomic": DemoPreset(name="atomic", sequence=list(ATOMIC_SEQUENCE), fixed_stages={"facts": "sft"},
                          seeds=list(range(8)), lrs=[5e-5, 1e-4, 2e-4, 4e-4], steps=320, checkpoints=8),
+    # vision: the visual findings (V1–V5) — SFT against GRPO from the embedded VLM on GeneralPoints-VL → vcolor, the
+    # vision configs' batches (SFT 16 sequences a step, GRPO 8 pictures × 8 samples, binary reward), 120 steps and 5
+    # checkpoints a stage; checkpoints read the OOD splits and card recognition (what V1–V3o decide on), the text
+    # priors only at stage ends (no visual finding reads them). Sized from one timed run of this config at 10 steps a
+    # stage (one thread, nice 19, load 7–12 beside other work): 74 CPU-s (GRPO) and 64 CPU-s (SFT), so ~0.15
+    # CPU-s per SFT step, ~0.67 per GRPO step and ~75 CPU-s of evaluation a run; at 120 steps ~110 s (SFT) and ~235
+    # s (GRPO) a run: 24 runs on two single-thread workers ≈ 35 min on this 2-core machine when it is free (about 9×
+    # that beside an experiment holding both cores). Not yet run; nothing piloted its budget.
+    "vision": DemoPreset(
+        name="vision", model="vlm", sequence=list(VISION_SEQUENCE), seeds=[0, 1, 2, 3], lrs=[5e-5, 1e-4, 2e-4],
+        steps=120, checkpoints=5, sft_batch=16, grpo_prompts=8, grpo_group=8, probes=list(VISION_PROBES),
+        checkpoint_tasks=[*VISION_SEQUENCE, "gpoints_vl@ood", "gpoints_vl@ood_visual", *VISION_PROBES],
+        # every held-out puzzle of GeneralPoints-VL (492, cut into selection and test halves for the gate) and every
+        # card-recognition hand (155, and its red-suit twin); 300 of the OOD splits and of vcolor, 100 of each text
+        # prior (the VLM keeps them at 94–100%, README) and of the training prompts
+        n_per_task={"gpoints_vl@ood": 300, "gpoints_vl@ood_visual": 300, "vcolor": 300, "gpoints_vl@train": 100,
+                    "vcolor@train": 100, "facts": 100, "reverse": 100, "arith": 100},
+        shift_prompts=16, token_examples=64,
+        lr_note="3 lrs, ×2 apart around the vision configs' 1e-4 (at 3e-4 both methods wrecked card recognition in "
+                "100 steps, README), × 4 seeds: 12 (lr, seed) cells are ~35 min on 2 cores, inside the hour with "
+                "room for the estimate's error (16 cells would be ~47 min); and at 12 cells a fourth seed narrows the "
+                "paired intervals (t 3.18 / √4 against 4.30 / √3) more than a fourth lr would help the frontier"),
 }
 
 
-def demo_sweep(preset: DemoPreset, methods: list[str], base: str = "base") -> SweepConfig:
+def demo_sweep(preset: DemoPreset, methods: list[str], base: str | None = None) -> SweepConfig:
     """The demo's runs as a ``retain sweep`` grid: every method × every lr × every seed, one torch thread each."""
-    template = preset.experiment("demo", methods[0], preset.lrs[0], preset.seeds[0], base)
+    template = preset.experiment("demo", methods[0], preset.lrs[0], preset.seeds[0], base or preset.model)
     return SweepConfig(base=template, resources={"cpus": 1}, grid={
         "method": [preset.method_dict(m, preset.lrs[0]) for m in methods],
         "method.train.lr": list(preset.lrs),
@@ -201,23 +239,25 @@ def demo_sweep(preset: DemoPreset, methods: list[str], base: str = "base") -> Sw
     })
 
 
-def plan(preset: DemoPreset, methods: list[str], base: str = "base") -> list[dict[str, Any]]:
+def plan(preset: DemoPreset, methods: list[str], base: str | None = None) -> list[dict[str, Any]]:
     """Every run of the demo: its sweep run name, method, lr, seed and directory (``runs/<name>``)."""
     return [{"name": r.name, "method": r.values["method"]["name"], "lr": r.values["method.train.lr"],
              "seed": r.values["seed"], "dir": f"runs/{r.name}"} for r in expand(demo_sweep(preset, methods, base), "demo")]
 
 
 def token_analysis(base: str, n: int, tasks: list[str]) -> dict[str, Any]:
-    """Confident conflicts of each task's canonical SFT targets (train split) under the base model."""
+    """Confident conflicts of each task's canonical SFT targets (train split) under the base model (a VLM's given
+    each target's picture: its model kind encodes the pairs)."""
     from retain import tasks as task_registry
     from retain.analysis.tokens import ENTROPY_MAX, PROB_MAX, token_stats
-    from retain.models.loading import load_model
+    from retain.kind import model_kind
 
-    model, tok = load_model(base)
+    kind = model_kind(base)
+    model, tok = kind.load(base)
     out = {}
     for name in tasks:
         examples = task_registry.get(name).examples("train", n, seed=0)
-        stats = token_stats(model, tok, [(e.prompt, e.answer) for e in examples])
+        stats = token_stats(model, tok, [(e.prompt, e.answer) for e in examples], encode=kind.encode)
         out[name] = {"summary": stats.summary(ENTROPY_MAX, PROB_MAX), "rows": stats.to_rows()[:2000]}
     return out
 
@@ -227,7 +267,7 @@ def run_demo(
     preset: str = "default",
     methods: list[str] | None = None,
     workers: int = 2,
-    base: str = "base",
+    base: str | None = None,
     progress: Callable[[str, dict[str, Any]], None] | None = None,
     backend: str = "local",
     address: str | None = None,
@@ -237,12 +277,13 @@ def run_demo(
 ) -> dict[str, Any]:
     """Run the demo into ``out`` and write its report; returns the demo summary (also ``out/demo.json``).
     ``report_to``: trackers every run logs to (``retain.tracking``).
-    ``seeds`` / ``lrs`` replace the preset's grid (the same design on fewer or more runs).
+    ``seeds`` / ``lrs`` replace the preset's grid (the same design on fewer or more runs). ``base``: the model every
+    run starts from (default: the preset's, ``DemoPreset.model``).
 
     The runs go through :func:`retain.sweep.run_sweep`: ``backend="local"`` runs ``workers`` spawn processes
     (one torch thread each), ``backend="ray"`` one Ray task per run on a local cluster or the one at ``address``."""
     from retain.analysis.tokens import ENTROPY_MAX, PROB_MAX
-    from retain.models.loading import resolve_model_path
+    from retain.kind import model_kind
     from retain.report import build_report
 
     if preset not in PRESETS:
@@ -259,12 +300,13 @@ def run_demo(
 
         if m not in METHOD_PRESETS:
             raise RetainError(f"unknown method {m!r} for the demo (methods: {', '.join(METHOD_PRESETS)})")
-    resolve_model_path(base)
+    base = base or settings.model
+    base_dir = model_kind(base).resolve(base)
+    runs = plan(settings, chosen, base)  # every run's config validated (a method the model cannot take is refused)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     say = progress or (lambda event, data: None)
     started = time.perf_counter()
-    runs = plan(settings, chosen, base)
     say("plan", {"runs": len(runs)})
     say("done", {"count": sum((out / r["dir"] / "results.json").exists() for r in runs)})
 
@@ -298,7 +340,7 @@ def run_demo(
         "workers": workers,
         "backend": backend,
         "failed": sweep["failed"],
-        "base_model": str(resolve_model_path(base)),
+        "base_model": str(base_dir),
         "machine": f"{platform.machine()}, {os.cpu_count()} cores, {platform.platform()}",
     }
     atomic_write_json(out / "demo.json", summary)

@@ -4,8 +4,8 @@ A *model kind* knows the few things that differ between a text model and a visio
 runner, the methods' parts (data source × token loss × regulariser), the evaluation and the shift measurement stay
 one code path for both:
 
-- ``load(spec, ...)``: ``(model, tokenizer)``; ``saved_with(tokenizer)``: what is saved beside the weights (the
-  tokenizer, or a VLM's processor);
+- ``resolve(spec)``: the model's directory (or hub name), checked; ``load(spec, ...)``: ``(model, tokenizer)``;
+  ``saved_with(tokenizer)``: what is saved beside the weights (the tokenizer, or a VLM's processor);
 - ``encode(tokenizer, prompt, answer)``: a training item's tokens (and, for a prompt that shows a picture, its pixel
   values: ``retain.data.TokenPair``); ``pixel_values(prompts)``: the pictures of rollout rows, stacked, or None;
 - ``engine(choice)``: the rollout engine choice (a name, or a factory) the method parts and shift sample with;
@@ -39,6 +39,11 @@ class TextModels:
     """Causal language models: prompts are text, batches have no pictures, every engine samples them."""
 
     name = "text"
+
+    def resolve(self, spec: str | Path) -> str:
+        from retain.models.loading import resolve_model_path
+
+        return resolve_model_path(spec)
 
     def load(self, spec: Any, **options: Any) -> tuple[torch.nn.Module, PreTrainedTokenizerBase]:
         from retain.models.loading import load_model

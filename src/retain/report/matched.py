@@ -16,7 +16,14 @@ test half of the fixed split) and forgetting readouts, lower is better:
 - ``avg_acc_loss``: 1 − the mean accuracy over the stage tasks seen so far (stages 1..k, stage ≥ 2: one minus
   Lai's average accuracy at that point of the sequence);
 - ``composition_drop`` / ``zeroshot_drop``: the stage task's ``ood_composition`` / ``ood_zeroshot`` split accuracy
-  lost since the stage started (the knowledge graph's unseen relation paths and held-out relation, Atomic).
+  lost since the stage started (the knowledge graph's unseen relation paths and held-out relation, Atomic);
+- ``visual_ood_drop``: the stage task's ``ood_visual`` split accuracy lost since the stage started (GeneralPoints-VL's
+  hands in red suits, Chu's visual variant), beside ``ood_drop`` (its rule shift);
+- ``perception_drop`` / ``perception_ood_drop``: card recognition's per-card score (``cards`` / ``cards@ood``, red
+  suits) lost since the stage started (Chu: RL improves the VLM's recognition of the cards).
+
+A finding about a vision-language model's visual tasks (``pictures``) is decided only on a demo whose stage tasks
+show pictures, and a text finding only on a text demo: each modality's report lists its own findings.
 
 A finding compares two methods on one stage and one readout. Before it is compared at all, each method must have
 *learned* that stage's task: the mean over seeds of the test-half gain of its best (selection-half) checkpoint at
@@ -31,6 +38,7 @@ import math
 from dataclasses import dataclass, replace
 from typing import Any
 
+from retain.errors import RetainError
 from retain.metrics import mean_ci
 from retain.metrics.frontier import (
     MATCHED_RULE,
@@ -64,7 +72,11 @@ READOUTS = {
     "avg_acc_loss": ("1 − average accuracy over the stage tasks so far", 100.0, "pts"),
     "composition_drop": ("unseen-composition split drop", 100.0, "pts"),
     "zeroshot_drop": ("held-out-relation (zero-shot) split drop", 100.0, "pts"),
+    "visual_ood_drop": ("visual-OOD split drop (red suits)", 100.0, "pts"),
+    "perception_drop": ("card-recognition drop (per-card score, black suits)", 100.0, "pts"),
+    "perception_ood_drop": ("card-recognition drop on red suits (per-card score)", 100.0, "pts"),
 }
+PERCEPTION = {"perception_drop": "cards", "perception_ood_drop": "cards@ood"}  # readout -> its column
 
 LEARNED_RULE = (
     f"a method has learned a stage's task when, over seeds, the mean test-half gain of its best checkpoint (chosen "
@@ -95,6 +107,11 @@ class MatchedFinding:
     # shift readouts (results.json ``shift`` keys) described beside the contrast at the stage's end, for each seed's
     # chosen lr: the shift is measured at stage ends only, not at the matched checkpoint, so it decides nothing
     shift_beside: tuple[str, ...] = ()
+    # a claim about a VLM's visual tasks: decided only on a demo of visual stage tasks (a text demo never lists it)
+    pictures: bool = False
+    # describe each method's own change on the readout at each seed's best checkpoint (Chu reads the change under
+    # each method, not only their difference); description beside the matched contrast, it decides nothing
+    each: bool = False
 
 
 SHIFT_NAMES = {"reverse_kl_per_token": "token-level reverse KL from the base on the stage task's held-out prompts",
@@ -122,6 +139,32 @@ def _shift_text(agg: dict[str, Any], f: MatchedFinding, gains: dict[str, dict[st
         parts.append(f"{m} {ci.mean:.3f}{band}")
     return (f"{SHIFT_NAMES.get(key, key)}, at the stage's end for each seed's chosen lr (description): "
             f"{' vs '.join(parts)} nats")
+
+
+def at_chosen(agg: dict[str, Any], method: str, stage: int, readout: str, chosen: list[dict[str, Any]]) -> list[float]:
+    """``readout`` at each seed's chosen checkpoint of ``stage`` (its lr and step, from :func:`learned`), where the
+    checkpoint reports it."""
+    points = {(r["lr"], r["seed"], p["step"]): p for r in agg["runs"] if r["method"] == method
+              for p in r.get("points") or [] if p["stage"] == stage}
+    out = []
+    for c in chosen:
+        value = (points.get((c["lr"], c["seed"], c["step"])) or {}).get("readouts", {}).get(readout)
+        if value is not None and math.isfinite(value):
+            out.append(float(value))
+    return out
+
+
+def _each_text(agg: dict[str, Any], f: MatchedFinding, gains: dict[str, dict[str, Any]]) -> str | None:
+    name, scale, unit = READOUTS[f.readout]
+    parts = []
+    for m in (f.a, f.b):
+        ci = mean_ci(at_chosen(agg, m, f.stage, f.readout, gains[m].get("chosen") or []))
+        if ci.n == 0:
+            return None
+        band = f" [{_fmt(ci.low, scale)}, {_fmt(ci.high, scale)}]" if ci.low is not None else ""
+        parts.append(f"{m} {_fmt(ci.mean, scale)}{band}")
+    return (f"{name} under each method at each seed's best checkpoint (description; lower is better): "
+            f"{' vs '.join(parts)} {unit}")
 
 
 def resolved(f: MatchedFinding, sequence: list[str]) -> MatchedFinding | None:
@@ -192,6 +235,28 @@ FINDINGS: tuple[MatchedFinding, ...] = (
                          "with one frozen template",
                    "Debunk: SFT's GeneralPoints OOD failure comes largely from one frozen prompt template",
                    "sft_varied", "sft", 1, "ood_drop", -1, task="gpoints"),
+    # the vision-language findings (issue 16): the embedded VLM, decided by the same rules
+    MatchedFinding("V1", "On GeneralPoints-VL's rule-shift OOD split (J/Q/K as 11/12/13), SFT loses more than RL "
+                         "(read right after the GeneralPoints-VL stage)",
+                   "Chu: RL improves GeneralPoints OOD accuracy (up to +9.3 pts for the vision-language variants), "
+                   "SFT degrades it", "grpo", "sft", 1, "ood_drop", -1, ("visual_ood_drop",), task="gpoints_vl",
+                   pictures=True, each=True),
+    MatchedFinding("V2", "The same on the visual OOD split (the hands in red suits, trained on black), reported apart",
+                   "Chu: RL generalises to the visual variant of GeneralPoints-VL, SFT does not", "grpo", "sft", 1,
+                   "visual_ood_drop", -1, ("ood_drop",), task="gpoints_vl", pictures=True, each=True),
+    MatchedFinding("V3", "Card recognition (the perception probe, per card) holds or improves under RL and falls under "
+                         "SFT while learning GeneralPoints-VL",
+                   "Chu: RL improves the VLM's visual recognition of the cards; SFT degrades it", "grpo", "sft", 1,
+                   "perception_drop", -1, ("perception_ood_drop",), task="gpoints_vl", pictures=True, each=True),
+    MatchedFinding("V3o", "The same on cards in red suits (out of the training distribution)",
+                   "Chu: RL improves recognition", "grpo", "sft", 1, "perception_ood_drop", -1,
+                   ("perception_drop",), task="gpoints_vl", pictures=True, each=True),
+    MatchedFinding("V4", "Over the visual sequence, GRPO forgets the first task less than SFT while learning the "
+                         "second", "Lai: FM SFT −10.4 vs GRPO −2.3 over 7 visual tasks (Qwen2.5-VL-7B)", "grpo",
+                   "sft", 2, "first_task_drop", -1, ("perception_drop",), pictures=True, each=True),
+    MatchedFinding("V5", "Average accuracy over the visual sequence: GRPO above SFT",
+                   "Lai: average accuracy SFT 54.0 vs GRPO 60.0 (7 visual tasks, Qwen2.5-VL-7B)", "grpo", "sft", 2,
+                   "avg_acc_loss", -1, pictures=True, each=True),
 )
 
 
@@ -208,6 +273,13 @@ def _acc(cell: dict[str, Any] | None, half: str | None = None) -> float | None:
         return None
     value = cell.get(half) if half else None
     return value if value is not None else cell.get("accuracy")
+
+
+def _score(cell: dict[str, Any] | None) -> float | None:
+    """A column's mean reward where its task gives partial credit (card recognition: per card), else accuracy."""
+    if isinstance(cell, dict) and cell.get("score") is not None:
+        return cell["score"]
+    return _acc(cell)
 
 
 def run_points(results: dict[str, Any]) -> list[dict[str, Any]]:
@@ -241,10 +313,14 @@ def run_points(results: dict[str, Any]) -> list[dict[str, Any]]:
             ood = f"{task}@ood"
             if ood in row and ood in start:
                 readouts["ood_drop"] = _acc(start[ood]) - _acc(row[ood])
-            for name, split in (("composition_drop", "ood_composition"), ("zeroshot_drop", "ood_zeroshot")):
+            for name, split in (("composition_drop", "ood_composition"), ("zeroshot_drop", "ood_zeroshot"),
+                                ("visual_ood_drop", "ood_visual")):
                 col = f"{task}@{split}"
                 if col in row and col in start:
                     readouts[name] = _acc(start[col]) - _acc(row[col])
+            for name, col in PERCEPTION.items():
+                if col.partition("@")[0] not in tasks and col in row and col in start:
+                    readouts[name] = _score(start[col]) - _score(row[col])
             seen = [_acc(row.get(t)) for t in tasks[: k + 1]]
             if k >= 1 and all(a is not None for a in seen):
                 readouts["avg_acc_loss"] = 1.0 - _mean(seen)
@@ -364,6 +440,9 @@ def decide(agg: dict[str, Any], f: MatchedFinding) -> dict[str, Any]:
         text = _shift_text(agg, f, gains, key)
         if text is not None:
             texts.append(text)
+    each = _each_text(agg, f, gains) if f.each else None
+    if each is not None:
+        texts.append(each)
     gain_text = "; ".join(f"{m} best gain {_fmt(g['test']['mean'], 100)} pts (test half)" for m, g in gains.items()
                           if g.get("test"))
     measured = f"{gain_text}. " + " | ".join(texts)
@@ -424,22 +503,41 @@ def predictor_finding(agg: dict[str, Any]) -> dict[str, Any]:
     return {**out, "verdict": verdict, "measured": measured, "numbers": {"fits": fits}}
 
 
+NEEDS_VISION = ("needs `retain demo --vision` (SFT and GRPO from the embedded VLM, GeneralPoints-VL → vcolor; its "
+                "compute is stated in the README)")
+
+
 def not_run(f: MatchedFinding, why: str) -> dict[str, Any]:
     """A declared finding this preset cannot speak to: listed with what it needs, never given a verdict."""
+    needs = NEEDS_VISION if f.pictures else f"needs {TASK_NEEDS.get(f.task or '', FULL_NEEDS)}"
     return {"id": f.id, "claim": f.claim, "paper": f.paper, "verdict": NOT_RUN, "methods": [f.a, f.b],
             "stage": f.stage, "readout": f.readout, "numbers": {},
             "rule": f"stage {f.stage}; deciding readout: {READOUTS[f.readout][0]}; Δ = {f.a} − {f.b}",
-            "measured": f"{why}: needs {TASK_NEEDS.get(f.task or '', FULL_NEEDS)}"}
+            "measured": f"{why}: {needs}"}
+
+
+def shows_pictures(sequence: list[str]) -> bool:
+    """Whether a stage task of ``sequence`` shows pictures (a vision-language demo); an unknown name does not."""
+    from retain import tasks as task_registry
+
+    for name in sequence:
+        try:
+            if getattr(task_registry.get(name), "modality", "text") == "image":
+                return True
+        except RetainError:
+            continue
+    return False
 
 
 def matched_findings(agg: dict[str, Any]) -> list[dict[str, Any]]:
-    """Every declared finding — decided where the runs can speak to it, else listed as not run with what it
-    needs — and finding 3's nested predictor, in id order."""
+    """Every declared finding of the demo's modality — decided where the runs can speak to it, else listed as not
+    run with what it needs — and, for a text demo, finding 3's nested predictor, in id order."""
     present = set(agg["methods"])
     # stages the preset trains the same way in every arm (demo.json settings.fixed_stages): no contrast there
     fixed = set((agg.get("meta", {}).get("settings") or {}).get("fixed_stages") or {})
+    pictures = shows_pictures(agg["sequence"])
     out = []
-    for f in FINDINGS:
+    for f in (f for f in FINDINGS if f.pictures == pictures):
         absent = [m for m in (f.a, f.b) if m not in present]
         at = resolved(f, agg["sequence"])
         if absent:
@@ -453,5 +551,6 @@ def matched_findings(agg: dict[str, Any]) -> list[dict[str, Any]]:
             out.append(not_run(f, f"this preset's sequence has no stage {f.stage}"))
         else:
             out.append(decide(agg, at))
-    out.append(predictor_finding(agg))
+    if not pictures:  # the budget-vs-KL fit over the text demo's methods (its --full grid)
+        out.append(predictor_finding(agg))
     return sorted(out, key=lambda f: (int("".join(ch for ch in f["id"] if ch.isdigit())), f["id"]))

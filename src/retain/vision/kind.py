@@ -30,7 +30,7 @@ from retain.kind import ColumnEvaluator
 from retain.models.loading import enable_gradient_checkpointing, torch_dtype
 from retain.rollout import EngineChoice, make_engine
 from retain.vision.engine import VisionEngine
-from retain.vision.model import is_vlm, load_processor, load_vlm, text_view, vision_prompt_text
+from retain.vision.model import is_vlm, load_processor, load_vlm, resolve_vlm_path, text_view, vision_prompt_text
 
 
 class VisionModels:
@@ -52,6 +52,9 @@ class VisionModels:
         if self._processor is None:
             self._processor = load_processor(self.spec)
         return self._processor
+
+    def resolve(self, spec: str | Path) -> str:
+        return resolve_vlm_path(spec)
 
     def load(self, spec: Any, *, trust_remote_code: bool = False, dtype: Any = None, device: Any = None,
              gradient_checkpointing: bool = False) -> tuple[torch.nn.Module, PreTrainedTokenizerBase]:
