@@ -190,7 +190,8 @@ PRESETS = {
                         token_examples=128),
     "default": DemoPreset(name="default", seeds=[0, 1, 2], lrs=[5e-5, 1e-4, 2e-4, 4e-4], steps=48),
     # core: finding 2 decided with power — SFT against GRPO on sort at --full's stage budget (320 steps, 8
-    # checkpoints), 8 seeds, the default's 4-lr grid; 64 runs
+    # checkpoints), 8 seeds, the default's 4-lr grid; 64 runs: 55 min on this 2-core machine beside other work
+    # (load 4–12), peak ~2.5 GB
     "core": DemoPreset(name="core", seeds=list(range(8)), lrs=[5e-5, 1e-4, 2e-4, 4e-4], steps=320, checkpoints=8),
     "full": DemoPreset(name="full", sequence=list(FULL_SEQUENCE), methods=list(FULL_METHODS),
                        seeds=list(range(8)), lrs=[2.5e-5, 5e-5, 1e-4, 2e-4, 4e-4], steps=320, checkpoints=8,

@@ -56,7 +56,7 @@ NOT_REACHED = "not reached"
 # points at the preset that gives the same contrast --full's stage budget and the seeds to decide it
 SHORT_PRESETS = ("quick", "default")
 SHORT_PRESETS_NOTE = ("this preset's budget fits minutes; `retain demo --preset core` runs the same contrast at 320 "
-                      "steps × 8 seeds (64 runs, about an hour on 2 cores)")
+                      "steps × 8 seeds (64 runs, about 55 min on 2 cores)")
 NOT_RUN = "not run"
 # where a finding is not run: the preset that runs it (a finding about a task --full's sequence lacks has its own)
 FULL_NEEDS = ("`retain demo --full` (every method, sort → GeneralPoints, 8 seeds × 5 lrs; its compute is stated in "
