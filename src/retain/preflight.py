@@ -29,6 +29,7 @@ from retain.evaluate import DEFAULT_MAX_NEW_TOKENS, pass_at_k
 from retain.methods.config import MethodConfig, OnPolicyData
 from retain.rollout import EngineChoice, make_engine
 from retain.tasks import CORRECT, Task
+from retain.train import rng_preserved
 
 PROMPTS = 32  # training prompts sampled before a GRPO stage
 FLAT_LIMIT = 0.9  # more than this share of flat groups: (almost) no signal
@@ -114,3 +115,15 @@ def stage_signal(model, tokenizer, cfg: ExperimentConfig, k: int) -> list[tuple[
     if message is None:
         return []
     return [(message, {"kind": "no_signal", "stage": k + 1, "task": task_name, **measured})]
+
+
+def signal_watch(model, tokenizer, cfg: ExperimentConfig, k: int, warn: Callable[..., None]) -> FlatGroupWatch:
+    """The runner's no-signal checks of stage ``k`` (0-based): the measurement before it, run with the training RNG
+    state saved and restored (the stage is unchanged) and each of its warnings given to ``warn(message, **data)``
+    now, and the returned watch of the stage's first steps, which warns the same way."""
+    with rng_preserved():
+        for message, data in stage_signal(model, tokenizer, cfg, k):
+            warn(message, **data)
+    task_name = cfg.stages[k].task
+    return FlatGroupWatch(task_name, k + 1, lambda message, flat: warn(
+        message, kind="no_signal", stage=k + 1, task=task_name, flat_groups=flat))

@@ -28,8 +28,8 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from retain import tasks as task_registry
-from retain.data import encode_answer, encode_prompt
-from retain.methods.sft import Pair, SFTObjective
+from retain.data import TokenPair, encode_answer, encode_prompt
+from retain.methods.sft import SFTObjective
 from retain.models.loading import load_model, resolve_model_path
 from retain.models.tiny import SHAPES, make_model
 from retain.models.tokenizer import build_tokenizer
@@ -93,19 +93,19 @@ def pretrain_split(task_name: str) -> str:
     return "pretrain" if "pretrain" in task_registry.get(task_name).splits else "train"
 
 
-def mixture_sampler(tokenizer, mixture: dict[str, float]) -> Callable[[random.Random, int, int], list[Pair]]:
+def mixture_sampler(tokenizer, mixture: dict[str, float]) -> Callable[[random.Random, int, int], list[TokenPair]]:
     """Encode every task's pretraining pool once; each call draws tasks by weight, then an example uniformly, then
     one of the example's correct answers uniformly (several answers teach the space of solutions, not one string)."""
     names = [n for n, w in mixture.items() if w > 0]
     weights = [mixture[n] for n in names]
-    pools: dict[str, list[list[Pair]]] = {}
+    pools: dict[str, list[list[TokenPair]]] = {}
     for name in names:
         examples = task_registry.get(name).examples(pretrain_split(name), None, seed=0)
         pools[name] = [
             [(encode_prompt(tokenizer, e.prompt), encode_answer(tokenizer, a)) for a in e.answers] for e in examples
         ]
 
-    def sample(rng: random.Random, k: int, step: int = 0) -> list[Pair]:
+    def sample(rng: random.Random, k: int, step: int = 0) -> list[TokenPair]:
         return [rng.choice(rng.choice(pools[name])) for name in rng.choices(names, weights, k=k)]
 
     return sample

@@ -11,7 +11,7 @@ from retain import metrics as M
 from retain import tasks as task_registry
 from retain.config import ExperimentConfig
 from retain.evaluate import flips
-from retain.files import read_json
+from retain.files import atomic_write_json, fault_point, read_json
 from retain.rundir import versions
 from retain.stage_eval import eval_seed
 
@@ -22,6 +22,14 @@ def collect_results(cfg: ExperimentConfig, out: Path) -> dict[str, Any]:
     stage_files = [read_json(stages_dir / str(k + 1) / "stage.json") for k in range(len(cfg.stages))]
     rows = [read_json(stages_dir / "0" / "eval.json")] + [s["row"] for s in stage_files]
     return results_from_rows(cfg, rows, stage_files, [s["train_seconds"] for s in stage_files])
+
+
+def publish_results(cfg: ExperimentConfig, out: Path) -> dict[str, Any]:
+    """Write a finished batch run's ``DIR/results.json`` (:func:`collect_results`); its presence = the run done."""
+    results = collect_results(cfg, out)
+    fault_point("results")
+    atomic_write_json(out / "results.json", results)
+    return results
 
 
 def results_from_rows(

@@ -1,6 +1,7 @@
 """What a run measures of a model: one evaluation row over the configured columns (greedy accuracy per item, the
-selection and test halves, pass@K, the answer NLL of the ``eval.nll`` columns), the in-stage checkpoint points of a
-stage, and the KL / weight shift at a stage's end. Shared by the batch runner and streaming mode."""
+selection and test halves, pass@K, the answer NLL of the ``eval.nll`` columns), the starting model's row (shared
+with other runs through :mod:`retain.eval_cache`), the in-stage checkpoint points of a stage, and the KL / weight
+shift at a stage's end. Shared by the batch runner and streaming mode."""
 
 from __future__ import annotations
 
@@ -12,12 +13,13 @@ import torch
 from retain import distributed
 from retain import tasks as task_registry
 from retain.config import LM_EVAL_PREFIX, ExperimentConfig
+from retain.eval_cache import cached_row, stored_row
 from retain.evaluate import DEFAULT_MAX_NEW_TOKENS, answer_nll
 from retain.files import atomic_write_json, fault_point, read_json
 from retain.metrics.lmeval import lm_eval_cells
 from retain.metrics.shift import kl_shift, weight_l2
 from retain.models.adapters import frozen_copy
-from retain.rundir import Progress
+from retain.rundir import Progress, json_or_none
 from retain.train import rng_preserved
 
 
@@ -57,6 +59,27 @@ def eval_settings(cfg: ExperimentConfig) -> dict[str, Any]:
             "engine": cfg.engine, "device": str(distributed.train_device(cfg.device)), "dtype": cfg.dtype,
             "mixed_precision": cfg.mixed_precision,
             **({"lm_eval": cfg.eval.lm_eval.model_dump(mode="json")} if cfg.eval.lm_eval else {})}
+
+
+class StartingRow:
+    """A batch run's ``DIR/stages/0/eval.json``, the row of the model before any stage: evaluated when it is missing,
+    unless the shared evaluation cache ``eval_cache`` holds it (:mod:`retain.eval_cache`)."""
+
+    def __init__(self, cfg: ExperimentConfig, out: Path, eval_cache: str | Path | None) -> None:
+        self.cfg, self.cache, self.path = cfg, eval_cache, out / "stages" / "0" / "eval.json"
+        self.settings = eval_settings(cfg)
+        self.missing = not isinstance(json_or_none(self.path), dict)
+
+    def evaluates(self, model) -> bool:
+        """Whether :meth:`write` evaluates ``model`` (the other ranks of a multi-process run evaluate exactly then)."""
+        return self.missing and stored_row(self.cache, model, self.settings) is None
+
+    def write(self, model, tokenizer, say: Progress) -> None:
+        if not self.missing:
+            return
+        say("eval", {"stage": 0})
+        row, _ = cached_row(self.cache, model, self.settings, lambda: evaluate_row(model, tokenizer, self.cfg))
+        atomic_write_json(self.path, row)
 
 
 class StagePoints:

@@ -37,11 +37,10 @@ start" in a stream). ``train_seconds`` is wall time, approximate across a resume
 from __future__ import annotations
 
 import bisect
-import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
@@ -49,17 +48,26 @@ from retain import tasks as task_registry
 from retain.config import ExperimentConfig
 from retain.distributed import make_accelerator
 from retain.errors import RetainError
-from retain.files import append_jsonl, atomic_write_json, atomic_write_text, read_json, remove_dir, verify_manifest
+from retain.files import append_jsonl, atomic_write_json, read_json, remove_dir, verify_manifest
 from retain.methods.build import build_objective, streaming_refusals
-from retain.models.adapters import frozen_copy
 from retain.methods.config import MethodConfig
 from retain.methods.stage import MethodState, StageContext
+from retain.models.adapters import frozen_copy
 from retain.results import results_from_rows
-from retain.rundir import json_or_none, prepare_run_dir, remove_temp_leftovers, run_lock, save_model_dir, warn
+from retain.rundir import (
+    Progress,
+    finished_results,
+    json_or_none,
+    keep_log,
+    prepare_run_dir,
+    quiet,
+    remove_temp_leftovers,
+    run_lock,
+    save_model_dir,
+    warn,
+)
 from retain.stage_eval import evaluate_row, measure_shift
 from retain.train import Trainer, recover_checkpoint, rng_preserved, seed_everything
-
-Progress = Callable[[str, dict[str, Any]], None]
 
 # TrainConfig fields that may differ between stages: the runner sets them (steps is summed)
 _PER_STAGE_TRAIN = {"steps", "seed", "checkpoint_every"}
@@ -71,7 +79,7 @@ def _where(cfg: ExperimentConfig, i: int) -> str:
 
 def validate_streaming(cfg: ExperimentConfig) -> list[MethodConfig]:
     """Refuse what a boundary-free stream cannot run (``RetainError`` naming the field); returns the stage methods."""
-    methods = [cfg.stage_method(i) for i in range(len(cfg.stages))]
+    methods = cfg.stage_methods()
     for i, m in enumerate(methods):
         for refusal in streaming_refusals(m, _where(cfg, i)):  # the parts say what needs task boundaries
             raise RetainError(f"streaming mode: {refusal}")
@@ -141,21 +149,6 @@ class StreamObjective:
 
     def loss(self, model: torch.nn.Module, tagged: Tagged) -> tuple[torch.Tensor, dict[str, float]]:
         return self.objectives[tagged.stage].loss(model, tagged.micro)
-
-
-def _truncate_log(path: Path, last_step: int) -> None:
-    """Drop training-log records past the checkpoint we resume from (they are about to be redone)."""
-    if not path.exists():
-        return
-    kept = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        try:
-            record = json.loads(line)
-        except ValueError:
-            continue  # a torn last line
-        if record.get("step", 0) <= last_step:
-            kept.append(line)
-    atomic_write_text(path, "".join(line + "\n" for line in kept))
 
 
 class _Stream:
@@ -243,12 +236,12 @@ def run_streaming(cfg: ExperimentConfig, out: str | Path, say: Progress | None =
     """Run (or resume) ``cfg`` as one stream into ``out``; returns the results also written to ``out/results.json``."""
     methods = validate_streaming(cfg)  # before anything exists on disk
     out = Path(out)
-    say = say or (lambda event, data: None)
+    say = say or quiet
     model, tokenizer = cfg.load_model()  # dtype, gradient checkpointing, device
     with run_lock(out):
         prepare_run_dir(cfg, out)
-        if isinstance(json_or_none(out / "results.json"), dict):
-            return read_json(out / "results.json")
+        if (finished := finished_results(out)) is not None:
+            return finished
         remove_temp_leftovers(out)
         base = frozen_copy(model)  # the reference of every stage, and the shift's π0
         stream = _Stream(cfg, out, say, model, tokenizer, base)
@@ -276,7 +269,8 @@ def run_streaming(cfg: ExperimentConfig, out: str | Path, say: Progress | None =
         )
         trainer = Trainer(model, objective, train_cfg, checkpoint_dir=checkpoint, log=stream.log,
                           on_step=stream.on_step, accelerator=make_accelerator(cfg.device, cfg.mixed_precision))
-        _truncate_log(out / "steps.jsonl", trainer.step)  # steps after the checkpoint are redone (all of them at 0)
+        resumed = trainer.step  # steps after the checkpoint are redone (all of them at 0): their records go
+        keep_log(out, lambda r: r.get("step", 0) <= resumed)
         if trainer.step > 0:  # resumed: the checkpoint's own point may not have been written before the kill
             done = [p for p in sorted(stream.points) if p <= trainer.step and _point_file(out, p).exists()]
             if done:

@@ -17,8 +17,7 @@ from retain.data import IGNORE, TokenBatch, TokenPair, collate, length_buckets, 
 from retain.distributed import world_size
 from retain.losses import confident_conflict_mask, dft_weights, eaft_weights, sft_loss
 
-Pair = TokenPair  # (prompt ids, answer ids ending with eos[, the prompt's pixel values])
-Sampler = Callable[[random.Random, int, int], Sequence[Pair]]  # (rng, k, step) -> token pairs
+Sampler = Callable[[random.Random, int, int], Sequence[TokenPair]]  # (rng, k, step) -> token pairs
 # (logits [B,T,V], targets [B,T], mask [B,T]) -> (weights or None, mask)
 TokenWeighting = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], tuple[torch.Tensor | None, torch.Tensor]]
 

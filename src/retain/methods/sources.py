@@ -27,23 +27,23 @@ from retain.methods.stage import StageContext
 from retain.rollout import make_engine
 from retain.logprobs import sequence_logprobs
 
-Pair = tuple[str, str]
+TextPair = tuple[str, str]  # (prompt, answer) as text; retain.data.TokenPair is the encoded form
 ModelLoader = Callable[[str], torch.nn.Module]
 
 
 class PairSource(Protocol):
-    def sample(self, rng: random.Random, k: int, step: int) -> list[Pair]: ...
+    def sample(self, rng: random.Random, k: int, step: int) -> list[TextPair]: ...
 
 
 class FixedPairs:
     """Uniform draws from a fixed list of pairs."""
 
-    def __init__(self, pairs: Sequence[Pair], what: str) -> None:
+    def __init__(self, pairs: Sequence[TextPair], what: str) -> None:
         if not pairs:
             raise RetainError(f"{what}: no training examples")
         self.pairs = list(pairs)
 
-    def sample(self, rng: random.Random, k: int, step: int) -> list[Pair]:
+    def sample(self, rng: random.Random, k: int, step: int) -> list[TextPair]:
         return [rng.choice(self.pairs) for _ in range(k)]
 
 
@@ -74,7 +74,7 @@ class SelfSampledPairs(FixedPairs):
         return cls(pairs, what)
 
 
-def reference_pairs(ctx: StageContext, task_name: str, target: str, seed: int) -> list[Pair]:
+def reference_pairs(ctx: StageContext, task_name: str, target: str, seed: int) -> list[TextPair]:
     """The train split's (prompt, answer) pairs with the SFT target chosen per ``target``."""
     examples = task_registry.get(task_name).examples("train", None, seed=0)
     if target == "canonical":
@@ -93,7 +93,7 @@ def reference_pairs(ctx: StageContext, task_name: str, target: str, seed: int) -
     return chosen
 
 
-def varied_prompts(task, pairs: list[Pair], what: str) -> list[Pair]:
+def varied_prompts(task, pairs: list[TextPair], what: str) -> list[TextPair]:
     """Every pair once per prompt template of the task (``task.prompt_variants``), so each example keeps its weight
     and each template is drawn equally often (Debunk, arXiv 2510.00237)."""
     variants = getattr(task, "prompt_variants", None)
@@ -106,14 +106,14 @@ def varied_prompts(task, pairs: list[Pair], what: str) -> list[Pair]:
 def sample_correct(
     model: torch.nn.Module, ctx: StageContext, samples_per_prompt: int, temperature: float, seed: int,
     max_new_tokens: int | None = None,
-) -> list[Pair]:
+) -> list[TextPair]:
     """Sample every train prompt ``samples_per_prompt`` times from ``model``; keep distinct correct completions."""
     examples = ctx.task.examples("train", None, seed=0)
     prompts = [e.prompt for e in examples]
     engine = make_engine(ctx.engine, model, ctx.tokenizer)
     max_new = max_new_tokens or getattr(ctx.task, "max_new_tokens", DEFAULT_MAX_NEW_TOKENS)
     rollout = engine.generate(prompts, n=samples_per_prompt, temperature=temperature, max_new_tokens=max_new, seed=seed)
-    kept: dict[Pair, None] = {}
+    kept: dict[TextPair, None] = {}
     for prompt, text, truncated in zip(rollout.prompts, rollout.texts, rollout.truncated):
         if not truncated and ctx.task.is_correct(prompt, text):
             kept[(prompt, text)] = None
@@ -125,7 +125,7 @@ class IterativePairs:
 
     def __init__(self, cfg: IterativeData, ctx: StageContext, max_new_tokens: int | None) -> None:
         self.cfg, self.ctx, self.max_new = cfg, ctx, max_new_tokens
-        self.pairs: list[Pair] = []
+        self.pairs: list[TextPair] = []
         self.epoch = -1
         self.kept_history: list[int] = []
 
@@ -133,7 +133,7 @@ class IterativePairs:
     def build(cls, cfg: MethodConfig, ctx: StageContext, load_model: ModelLoader) -> IterativePairs:
         return cls(cfg.data, ctx, cfg.max_new_tokens)
 
-    def sample(self, rng: random.Random, k: int, step: int) -> list[Pair]:
+    def sample(self, rng: random.Random, k: int, step: int) -> list[TextPair]:
         epoch = step // self.cfg.epoch_steps
         if epoch != self.epoch:
             self.epoch = epoch
@@ -153,7 +153,7 @@ class IterativePairs:
 
 
 class MultiTaskPairs:
-    def __init__(self, per_task: dict[str, list[Pair]]) -> None:
+    def __init__(self, per_task: dict[str, list[TextPair]]) -> None:
         self.per_task = {t: p for t, p in per_task.items() if p}
         self.names = sorted(self.per_task)
 
@@ -162,7 +162,7 @@ class MultiTaskPairs:
         names = [*ctx.seen_tasks, ctx.task_name]
         return cls({t: reference_pairs(ctx, t, cfg.data.target, ctx.seed) for t in names})
 
-    def sample(self, rng: random.Random, k: int, step: int) -> list[Pair]:
+    def sample(self, rng: random.Random, k: int, step: int) -> list[TextPair]:
         return [rng.choice(self.per_task[rng.choice(self.names)]) for _ in range(k)]
 
 
@@ -171,8 +171,8 @@ class WithReplay(StagePart):
     skills' training data (each task-uniform); the rest from the stage's own source. At the stage's end it fills the
     stage's own buffer (``size`` of the task's reference pairs, a seeded draw) for the stages after it."""
 
-    def __init__(self, inner: PairSource, buffers: dict[str, list[Pair]], ratio: float,
-                 prior: dict[str, list[Pair]] | None = None, prior_ratio: float = 0.0, size: int = 512) -> None:
+    def __init__(self, inner: PairSource, buffers: dict[str, list[TextPair]], ratio: float,
+                 prior: dict[str, list[TextPair]] | None = None, prior_ratio: float = 0.0, size: int = 512) -> None:
         self.inner, self.ratio, self.prior_ratio, self.size = inner, ratio, prior_ratio, size
         self.buffers = {t: p for t, p in buffers.items() if p}
         self.names = sorted(self.buffers)
@@ -188,7 +188,7 @@ class WithReplay(StagePart):
     def streaming_refusal(cls, cfg: ReplayConfig, field: str) -> str | None:
         return f"{field} needs task boundaries"
 
-    def sample(self, rng: random.Random, k: int, step: int) -> list[Pair]:
+    def sample(self, rng: random.Random, k: int, step: int) -> list[TextPair]:
         n_replay = round(self.ratio * k) if self.names else 0
         n_prior = round(self.prior_ratio * k) if self.prior_names else 0
         n_prior = min(n_prior, k - n_replay - 1)  # at least one example of the stage's own task per batch
@@ -202,7 +202,7 @@ class WithReplay(StagePart):
         return model
 
 
-def prior_pairs(names: list[str]) -> dict[str, list[Pair]]:
+def prior_pairs(names: list[str]) -> dict[str, list[TextPair]]:
     """The train split's reference pairs of each named task or group (the prior skills' pretraining data)."""
     return {t: [(e.prompt, e.answer) for e in task_registry.get(t).examples("train", None, seed=0)]
             for t in task_registry.resolve(names)}
