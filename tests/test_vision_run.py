@@ -122,3 +122,37 @@ def test_configs_a_vlm_run_cannot_take_are_refused_in_one_line(change, refused):
 def test_a_text_model_refuses_a_visual_eval_column():
     with pytest.raises(RetainError, match=r"eval.tasks: task 'cards' shows pictures"):
         parse_experiment({"model": "base", "stages": [{"task": "arith"}], "eval": {"tasks": ["arith", "cards"]}})
+
+
+def test_sampled_completions_never_hold_a_picture_token():
+    """A GRPO run on the embedded VLM (seed 1, temperature 1) once sampled the ``<image>`` token: the policy's next
+    forward over prompt + completion then counted one picture slot too many and failed. The engine suppresses the
+    picture tokens; here a policy pushed to want ``<image>`` (+50 on its logit) samples it without suppression and
+    never with it, and the forward over prompt + completion with the pictures runs."""
+    from retain.vision.engine import VisionEngine, picture_token_ids
+    from retain.vision.model import load_vlm
+
+    model, processor = load_vlm("vlm")
+    image_id = processor.tokenizer.convert_tokens_to_ids("<image>")
+    assert picture_token_ids(model.config) == [image_id]
+
+    def wants_pictures(module, args, logits):
+        logits[..., image_id] += 50.0
+        return logits
+
+    hook = model.lm_head.register_forward_hook(wants_pictures)
+    try:
+        prompts = [e.prompt for e in tasks.get("vcount").examples("test", 2)]
+        engine = VisionEngine(model, processor)
+        engine.suppressed = []
+        unguarded = engine.generate(prompts, n=2, max_new_tokens=3, seed=0)
+        assert any(image_id in c for c in unguarded.completion_ids)
+        engine = VisionEngine(model, processor)
+        rollout = engine.generate(prompts, n=2, max_new_tokens=3, seed=0)
+    finally:
+        hook.remove()
+    assert all(image_id not in c for c in rollout.completion_ids) and all(rollout.completion_ids)
+    for prompt, ids, completion in zip(rollout.prompts, rollout.prompt_ids, rollout.completion_ids):
+        pixels = processor.image_processor(prompt.image.render(), return_tensors="pt")["pixel_values"]
+        with torch.no_grad():
+            model(input_ids=torch.tensor([ids + completion]), pixel_values=pixels)

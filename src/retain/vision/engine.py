@@ -20,14 +20,31 @@ from retain.rollout.base import RolloutEngine, SamplingRequest
 from retain.vision.model import vision_prompt_text
 
 
+# the config fields where Hugging Face VLMs name the token ids they reserve for pictures (LLaVA's image token;
+# Qwen2-VL's image, video and vision-span tokens)
+PICTURE_TOKEN_FIELDS = ("image_token_id", "image_token_index", "video_token_id", "vision_start_token_id",
+                        "vision_end_token_id")
+
+
+def picture_token_ids(config: Any) -> list[int]:
+    """The token ids ``config`` reserves for pictures. A sampled completion must never hold one: the policy's next
+    forward over prompt + completion would read it as one more picture slot and fail (``Image features and image
+    tokens do not match``), which a GRPO run on the embedded VLM hit at temperature 1."""
+    ids = {getattr(config, name, None) for name in PICTURE_TOKEN_FIELDS}
+    return sorted(i for i in ids if isinstance(i, int) and i >= 0)
+
+
 class VisionEngine(RolloutEngine):
-    """Implements only the completion step of ``RolloutEngine``'s template."""
+    """Implements only the completion step of ``RolloutEngine``'s template. The picture tokens are suppressed in
+    every completion (their logits set to −inf before sampling or argmax); their probability under the policy is
+    negligible, so the sampling distribution is the policy's, renormalised without them."""
 
     takes_pictures = True
 
     def __init__(self, model: torch.nn.Module, processor: Any, batch_size: int = 256) -> None:
         super().__init__(model, processor.tokenizer, batch_size)
         self.processor = processor
+        self.suppressed = picture_token_ids(model.config)
 
     def complete(self, request: SamplingRequest) -> tuple[list[list[int]], list[list[int]]]:
         prompts, greedy = request.prompts, request.greedy
@@ -49,7 +66,8 @@ class VisionEngine(RolloutEngine):
             enc = self.processor(text=texts, images=[images[i].render() for i in rows] if pictured else None,
                                  padding=True, return_tensors="pt").to(device)
             generated = self.model.generate(**enc, do_sample=not greedy, max_new_tokens=request.max_new_tokens,
-                                            eos_token_id=eos, pad_token_id=pad, **sampling)
+                                            eos_token_id=eos, pad_token_id=pad, suppress_tokens=self.suppressed or None,
+                                            **sampling)
             width = enc["input_ids"].shape[1]
             for ids, mask, new in zip(enc["input_ids"], enc["attention_mask"], generated[:, width:]):
                 completion = new.tolist()
