@@ -208,11 +208,9 @@ PRESETS = {
     # vision: the visual findings (V1–V5) — SFT against GRPO from the embedded VLM on GeneralPoints-VL → vcolor, the
     # vision configs' batches (SFT 16 sequences a step, GRPO 8 pictures × 8 samples, binary reward), 120 steps and 5
     # checkpoints a stage; checkpoints read the OOD splits and card recognition (what V1–V3o decide on), the text
-    # priors only at stage ends (no visual finding reads them). Sized from one timed run of this config at 10 steps a
-    # stage (one thread, nice 19, load 7–12 beside other work): 74 CPU-s (GRPO) and 64 CPU-s (SFT), so ~0.15
-    # CPU-s per SFT step, ~0.67 per GRPO step and ~75 CPU-s of evaluation a run; at 120 steps ~110 s (SFT) and ~235
-    # s (GRPO) a run: 24 runs on two single-thread workers ≈ 35 min on this 2-core machine when it is free (about 9×
-    # that beside an experiment holding both cores). Not yet run; nothing piloted its budget.
+    # priors only at stage ends (no visual finding reads them). Sized from one timed run at 10 steps a stage; its
+    # first full run (README): ~28 min for the 24 runs on this 2-core machine beside other work, vcolor learned by
+    # both methods, GeneralPoints-VL by neither (+3.5 / +4.0 pts), so V1–V4 read "not reached" at this budget
     "vision": DemoPreset(
         name="vision", model="vlm", sequence=list(VISION_SEQUENCE), seeds=[0, 1, 2, 3], lrs=[5e-5, 1e-4, 2e-4],
         steps=120, checkpoints=5, sft_batch=16, grpo_prompts=8, grpo_group=8, probes=list(VISION_PROBES),
