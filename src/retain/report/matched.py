@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, replace
+from collections.abc import Callable
 from typing import Any
 
 from retain.errors import RetainError
@@ -129,16 +130,23 @@ def stage_end_shift(agg: dict[str, Any], chosen: list[dict[str, Any]], method: s
     return out
 
 
-def _shift_text(agg: dict[str, Any], f: MatchedFinding, gains: dict[str, dict[str, Any]], key: str) -> str | None:
+def _both(f: MatchedFinding, values: Callable[[str], list[float]], fmt: Callable[[float], str]) -> str | None:
+    """"a mean [low, high] vs b mean [low, high]" over each method's values; None when one has none."""
     parts = []
     for m in (f.a, f.b):
-        ci = mean_ci(stage_end_shift(agg, gains[m].get("chosen") or [], m, f.stage, key))
+        ci = mean_ci(values(m))
         if ci.n == 0:
             return None
-        band = f" [{ci.low:.3f}, {ci.high:.3f}]" if ci.low is not None else ""
-        parts.append(f"{m} {ci.mean:.3f}{band}")
-    return (f"{SHIFT_NAMES.get(key, key)}, at the stage's end for each seed's chosen lr (description): "
-            f"{' vs '.join(parts)} nats")
+        band = f" [{fmt(ci.low)}, {fmt(ci.high)}]" if ci.low is not None else ""
+        parts.append(f"{m} {fmt(ci.mean)}{band}")
+    return " vs ".join(parts)
+
+
+def _shift_text(agg: dict[str, Any], f: MatchedFinding, gains: dict[str, dict[str, Any]], key: str) -> str | None:
+    both = _both(f, lambda m: stage_end_shift(agg, gains[m].get("chosen") or [], m, f.stage, key), lambda v: f"{v:.3f}")
+    if both is None:
+        return None
+    return f"{SHIFT_NAMES.get(key, key)}, at the stage's end for each seed's chosen lr (description): {both} nats"
 
 
 def at_chosen(agg: dict[str, Any], method: str, stage: int, readout: str, chosen: list[dict[str, Any]]) -> list[float]:
@@ -156,15 +164,11 @@ def at_chosen(agg: dict[str, Any], method: str, stage: int, readout: str, chosen
 
 def _each_text(agg: dict[str, Any], f: MatchedFinding, gains: dict[str, dict[str, Any]]) -> str | None:
     name, scale, unit = READOUTS[f.readout]
-    parts = []
-    for m in (f.a, f.b):
-        ci = mean_ci(at_chosen(agg, m, f.stage, f.readout, gains[m].get("chosen") or []))
-        if ci.n == 0:
-            return None
-        band = f" [{_fmt(ci.low, scale)}, {_fmt(ci.high, scale)}]" if ci.low is not None else ""
-        parts.append(f"{m} {_fmt(ci.mean, scale)}{band}")
-    return (f"{name} under each method at each seed's best checkpoint (description; lower is better): "
-            f"{' vs '.join(parts)} {unit}")
+    both = _both(f, lambda m: at_chosen(agg, m, f.stage, f.readout, gains[m].get("chosen") or []),
+                 lambda v: _fmt(v, scale))
+    if both is None:
+        return None
+    return f"{name} under each method at each seed's best checkpoint (description; lower is better): {both} {unit}"
 
 
 def resolved(f: MatchedFinding, sequence: list[str]) -> MatchedFinding | None:
