@@ -35,8 +35,8 @@ constant here is fixed in code before the runs it judges.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, replace
 from collections.abc import Callable
+from dataclasses import dataclass, replace
 from typing import Any
 
 from retain.errors import RetainError
