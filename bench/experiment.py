@@ -8,8 +8,10 @@ forward and reverse KL along samples of one model scored by both (Monte-Carlo an
 from the previous model (the base again after stage 1: measured once); the model saved after each stage.
 
 retain: ``run_experiment`` (what ``retain run`` calls) on that YAML, in this process; its time split into training
-(and, within it, GRPO's sampling), evaluation, shift, and I/O + bookkeeping (the rest of each stage: saving the
-model and the method state, manifests, the stage files) by timing wrappers around the runner's public calls.
+(and, within it, GRPO's sampling), evaluation, shift, the GRPO signal check before the GRPO stage (``preflight``:
+32 training prompts x the group size sampled from the starting model, a check the TRL pipeline does not make),
+saving (the model and the method state with their manifests, fsynced, then stage.json) and the rest (model load,
+frozen copies, the run directory's small files) by timing wrappers around the runner's public calls.
 TRL: ``SFTTrainer`` then ``GRPOTrainer`` on the same model object, the same batches, steps, lengths and learning
 rates (gradient checkpointing off, as retain; the trainer settings of bench/sft.py and bench/grpo.py); evaluation by
 a plain left-padded ``model.generate`` loop (batches of 256 prompts, as retain's engines), chat-templated by the
@@ -19,7 +21,10 @@ tokenizer, scored by the same task verifiers; the KLs by sampling with ``generat
 Same work is checked: the base model's greedy evaluation must agree item by item (both are greedy on the same
 weights); after training, each column's accuracy must agree within sampling noise (3 standard errors of the
 difference of two binomial proportions, at least 2 items), and the training losses / rewards and KLs are reported
-side by side. Throughput = experiments per hour, wall clock from the model load to the last stage saved.
+side by side. Throughput = experiments per hour, wall clock from the model load to the last stage saved; each side's
+CPU seconds (``time.process_time``, every thread of the process) over the same span are reported beside it, the
+measure that holds on a busy machine (run it with ``BENCH_THREADS=1`` there: waiting OpenMP threads spin, and a
+descheduled one makes its partner's spin count as CPU time).
 """
 
 from __future__ import annotations
@@ -58,21 +63,21 @@ def experiment_config(sft_steps: int, grpo_steps: int, n: int, shift_prompts: in
 
 
 class Profile:
-    """Seconds spent per part, by wrapping callables: ``wrap(module, name, part)`` replaces ``module.name``."""
+    """Seconds spent per part, wall clock (``seconds``) and CPU time of the process (``cpu``), by wrapping callables:
+    ``wrap(module, name, part)`` replaces ``module.name``."""
 
     def __init__(self) -> None:
         self.seconds: dict[str, float] = {}
-
-    def add(self, part: str, seconds: float) -> None:
-        self.seconds[part] = self.seconds.get(part, 0.0) + seconds
+        self.cpu: dict[str, float] = {}
 
     @contextmanager
     def timing(self, part: str):
-        start = time.perf_counter()
+        start, cpu_start = time.perf_counter(), time.process_time()
         try:
             yield
         finally:
-            self.add(part, time.perf_counter() - start)
+            self.seconds[part] = self.seconds.get(part, 0.0) + time.perf_counter() - start
+            self.cpu[part] = self.cpu.get(part, 0.0) + time.process_time() - cpu_start
 
     def wrap(self, module, name: str, part: str) -> None:
         inner = getattr(module, name)
@@ -83,9 +88,16 @@ class Profile:
 
         setattr(module, name, timed)
 
+    def split(self, total: float, cpu_total: float, rest: str, within: tuple[str, ...] = ()) -> tuple[dict, dict]:
+        """(wall, CPU) seconds per part, with ``rest`` = the total less every part not ``within`` another."""
+        wall, cpu = dict(self.seconds), dict(self.cpu)
+        wall[rest] = total - sum(v for k, v in self.seconds.items() if k not in within)
+        cpu[rest] = cpu_total - sum(v for k, v in self.cpu.items() if k not in within)
+        return wall, cpu
+
 
 def retain_experiment(sft_steps: int, grpo_steps: int, n: int, shift_prompts: int) -> dict:
-    from retain import runner
+    from retain import runner, stage_eval
     from retain.config import parse_experiment
     from retain.methods import grpo as grpo_module
     from retain.runner import run_experiment
@@ -94,7 +106,10 @@ def retain_experiment(sft_steps: int, grpo_steps: int, n: int, shift_prompts: in
     profile = Profile()
     profile.wrap(runner, "train_stage", "training")
     profile.wrap(runner, "evaluate_row", "evaluation")
+    profile.wrap(stage_eval.StartingRow, "write", "evaluation")  # the row before the first stage
     profile.wrap(runner, "measure_shift", "shift")
+    profile.wrap(runner, "signal_watch", "GRPO signal check (before the stage)")
+    profile.wrap(runner, "finish_stage", "saving (model, state, manifests, stage.json)")
     make_engine = grpo_module.make_engine
 
     def timed_engine(*args, **kwargs):  # GRPO's rollouts: sampling inside training
@@ -110,15 +125,15 @@ def retain_experiment(sft_steps: int, grpo_steps: int, n: int, shift_prompts: in
 
     grpo_module.make_engine = timed_engine
     with tempfile.TemporaryDirectory() as tmp:
-        start = time.perf_counter()
+        start, cpu_start = time.perf_counter(), time.process_time()
         results = run_experiment(cfg, Path(tmp) / "run")
-        seconds = time.perf_counter() - start
+        seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu_start
         steps = [__import__("json").loads(line) for line in (Path(tmp) / "run" / "steps.jsonl").read_text().splitlines()]
-    parts = dict(profile.seconds)
-    parts["I/O and bookkeeping"] = seconds - parts["training"] - parts["evaluation"] - parts["shift"]
+    parts, cpu_parts = profile.split(seconds, cpu_seconds, "the rest (model load, copies, run directory)",
+                                     within=("sampling (within training)",))
     columns = results["eval_tasks"]
     return {
-        "seconds": seconds, "profile": parts, "columns": columns,
+        "seconds": seconds, "cpu_seconds": cpu_seconds, "profile": parts, "profile_cpu": cpu_parts, "columns": columns,
         "accuracy": [dict(zip(columns, row)) for row in results["matrix"]], "n": n,
         "forward_kl": results["shift"]["forward_kl"], "forward_kl_exact": results["shift"]["forward_kl_exact"],
         "reverse_kl_exact": results["shift"]["reverse_kl_exact"],
@@ -208,7 +223,7 @@ def trl_experiment(sft_steps: int, grpo_steps: int, n: int, shift_prompts: int) 
     profile = Profile()
     accuracy, kl_fwd, kl_fwd_exact, kl_rev_exact, sft_losses, rewards = [], [], [], [], [], []
     with tempfile.TemporaryDirectory() as out:
-        start = time.perf_counter()
+        start, cpu_start = time.perf_counter(), time.process_time()
         model, tok = load_model("base")
         base = copy.deepcopy(model).eval()
 
@@ -273,11 +288,11 @@ def trl_experiment(sft_steps: int, grpo_steps: int, n: int, shift_prompts: int) 
         with profile.timing("I/O"):
             model.save_pretrained(f"{out}/stage2", safe_serialization=True)
             tok.save_pretrained(f"{out}/stage2")
-        seconds = time.perf_counter() - start
-    parts = dict(profile.seconds)
-    parts["model load and the rest"] = seconds - sum(parts.values())
+        seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu_start
+    parts, cpu_parts = profile.split(seconds, cpu_seconds, "model load and the rest")
     return {
-        "seconds": seconds, "profile": parts, "columns": columns, "accuracy": accuracy, "n": n,
+        "seconds": seconds, "cpu_seconds": cpu_seconds, "profile": parts, "profile_cpu": cpu_parts, "columns": columns, "accuracy": accuracy,
+        "n": n,
         "forward_kl": kl_fwd, "forward_kl_exact": kl_fwd_exact, "reverse_kl_exact": kl_rev_exact,
         "sft_loss": _mean(sft_losses), "grpo_reward": _mean(rewards),
         "base_correct": {c: s for c, (_, s) in row0.items()},

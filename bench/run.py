@@ -170,7 +170,9 @@ def same_work(key: str, ours: dict, ref: dict, ref_name: str, refs: dict[str, di
                 "sft_loss": {"retain": ours["sft_loss"], "reference": ref["sft_loss"]},
                 "grpo_reward": {"retain": ours["grpo_reward"], "reference": ref["grpo_reward"]},
                 "seconds": {"retain": ours["seconds"], "reference": ref["seconds"]},
-                "profile_seconds": {"retain": ours["profile"], "reference": ref["profile"]}}
+                "cpu_seconds": {"retain": ours["cpu_seconds"], "reference": ref["cpu_seconds"]},
+                "profile_seconds": {"retain": ours["profile"], "reference": ref["profile"]},
+                "profile_cpu_seconds": {"retain": ours["profile_cpu"], "reference": ref["profile_cpu"]}}
     if key == "lmeval":
         import lmeval_bench
 
@@ -202,6 +204,8 @@ def describe(key: str, ours: dict, ref: dict, evidence: dict | None) -> str:
         prof = "; ".join(f"{k} {v:.1f}s" for k, v in ours["profile"].items())
         ref_prof = "; ".join(f"{k} {v:.1f}s" for k, v in ref["profile"].items())
         return (f"retain {ours['seconds']:.1f}s ({prof}), TRL pipeline {ref['seconds']:.1f}s ({ref_prof}); "
+                f"CPU {ours['cpu_seconds']:.1f}s vs {ref['cpu_seconds']:.1f}s "
+                f"({ref['cpu_seconds'] / ours['cpu_seconds']:.2f}x); "
                 f"agree: {agree['agree']} (base items disagreeing {sum(agree['base_items_disagreeing'].values())}, "
                 f"worst gap / tolerance {agree['worst_gap_over_tolerance']:.2f}"
                 f"{'; outside: ' + ', '.join(agree['outside_tolerance']) if agree['outside_tolerance'] else ''}); "

@@ -128,7 +128,7 @@ def run_stages(
         method = cfg.stage_method(k)
         say("stage_start", {"stage": k + 1, "task": task_name, "method": method.name, "steps": method.train.steps})
         started = time.perf_counter()
-        previous = frozen_copy(model)
+        previous = base if k == 0 else frozen_copy(model)  # before the first stage the model holds the base's weights
         stage_dir = out / "stages" / str(k + 1)
         watch = None
         if writes and not (k == done and resume_step):  # a GRPO stage its start cannot learn from is said, not run

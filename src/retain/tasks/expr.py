@@ -206,7 +206,9 @@ Value = int | Fraction
 
 
 def _whole(x: Value) -> Value:
-    return x.numerator if isinstance(x, Fraction) and x.denominator == 1 else x
+    # ``type(...) is``, not ``isinstance``: Fraction's ABC metaclass makes isinstance slow, and values are never a
+    # subclass of Fraction (they come from Fraction arithmetic)
+    return x.numerator if type(x) is Fraction and x.denominator == 1 else x
 
 
 def _div(a: Value, b: Value) -> Value:
@@ -242,6 +244,8 @@ def _splits(ms: tuple[int, ...]) -> tuple[tuple[tuple[int, ...], tuple[int, ...]
 def _values(ms: tuple[int, ...], ops: str) -> frozenset[Value]:
     if len(ms) == 1:
         return frozenset(ms)
+    if "/" not in ops:  # every value is an int: the same set by plain int arithmetic, without _apply per pair
+        return frozenset(_int_values(ms, ops))
     found: set[Value] = set()
     for a_ms, b_ms in _splits(ms):
         b_vals = _values(b_ms, ops)
@@ -252,6 +256,20 @@ def _values(ms: tuple[int, ...], ops: str) -> frozenset[Value]:
                     if value is not None:
                         found.add(value)
     return frozenset(found)
+
+
+def _int_values(ms: tuple[int, ...], ops: str) -> set[int]:
+    """``_values`` without division (``ops`` a subset of ``+-*``), where every value is an int."""
+    found: set[int] = set()
+    for a_ms, b_ms in _splits(ms):
+        a_vals, b_vals = _values(a_ms, ops), _values(b_ms, ops)
+        if "+" in ops:
+            found.update(a + b for a in a_vals for b in b_vals)
+        if "-" in ops:
+            found.update(a - b for a in a_vals for b in b_vals)
+        if "*" in ops:
+            found.update(a * b for a in a_vals for b in b_vals)
+    return found
 
 
 def _join(left: tuple[str, str], op: str, right: tuple[str, str]) -> tuple[str, str]:

@@ -33,7 +33,7 @@ from __future__ import annotations
 import re
 from itertools import combinations_with_replacement
 
-from retain.tasks.expr import ALL_OPS, Puzzle, PuzzleTask, hash_partition, reaches
+from retain.tasks.expr import ALL_OPS, Puzzle, PuzzleTask, hash_partition, reachable, reaches
 
 RANKS = range(1, 14)
 FACES = (11, 12, 13)
@@ -101,7 +101,12 @@ class GeneralPointsTask(PuzzleTask):
         """The prompts of one card hand under ``rule``: one per target its values reach."""
         vals = values(ranks, rule)
         meta = {"cards": tuple(card_name(r) for r in ranks), "values": vals, "rule": rule}
-        return [Puzzle(prompt_for(ranks, rule, t), vals, t, meta) for t in self.targets if reaches(vals, t, self.ops)]
+        if len(self.targets) > 1:  # one value set per value multiset (cached), then a lookup per target
+            found = reachable(vals, self.ops)
+            reached = [t for t in self.targets if t in found]
+        else:  # a single target (the paper's 24): the partner search, cheaper than every value of four cards
+            reached = [t for t in self.targets if reaches(vals, t, self.ops)]
+        return [Puzzle(prompt_for(ranks, rule, t), vals, t, meta) for t in reached]
 
     def build_pools(self) -> dict[str, list[Puzzle]]:
         hands = list(combinations_with_replacement(RANKS, self.n_cards))  # sorted rank tuples

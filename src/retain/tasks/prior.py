@@ -36,21 +36,29 @@ class ReverseTask(Task):
     test_share = 0.3
     _prompt = re.compile(r"^reverse ([a-z]{1,16})$")
 
+    def __init__(self) -> None:
+        self._words: dict[str, tuple[str, ...]] = {}  # split -> its strings, drawn on first use
+
     def examples(self, split: str, n: int | None = None, seed: int = 0) -> list[Example]:
         self.check_split(split)
-        # The pool is fixed (seed 0) so "the train split" is one set; the seed only orders it.
-        rng = random.Random(f"reverse/{split}")
-        want_test = split == "test"
-        seen: set[str] = set()
-        pool: list[Example] = []
-        while len(pool) < self.size[split]:
-            word = "".join(rng.choice(LETTERS) for _ in range(rng.randint(3, 6)))
-            if word in seen or _in_test_half(word, self.test_share) != want_test:
-                continue
-            seen.add(word)
-            pool.append(Example(prompt=f"reverse {word}", answer=word[::-1], meta={"word": word}))
-        random.Random(seed).shuffle(pool)
-        return pool if n is None else pool[:n]
+        words = list(self.words(split))
+        random.Random(seed).shuffle(words)  # the permutation depends only on the pool's length and the seed
+        chosen = words if n is None else words[:n]
+        return [Example(prompt=f"reverse {w}", answer=w[::-1], meta={"word": w}) for w in chosen]
+
+    def words(self, split: str) -> tuple[str, ...]:
+        """The split's strings in their fixed order, drawn once per task object from a generator seeded by the split's
+        name (so "the train split" is one set); the seed of ``examples`` only orders them."""
+        if split not in self._words:
+            rng = random.Random(f"reverse/{split}")
+            want_test = split == "test"
+            seen: dict[str, None] = {}
+            while len(seen) < self.size[split]:
+                word = "".join(rng.choice(LETTERS) for _ in range(rng.randint(3, 6)))
+                if word not in seen and _in_test_half(word, self.test_share) == want_test:
+                    seen[word] = None
+            self._words[split] = tuple(seen)
+        return self._words[split]
 
     def reward(self, prompt: str, completion: str, answer: str | None = None) -> float:
         if answer is None:
