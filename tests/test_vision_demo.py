@@ -68,7 +68,7 @@ def test_a_text_preset_keeps_its_columns() -> None:
     assert PRESETS["default"].eval_columns() == ["sort", "prior", "sort@train"]
     assert PRESETS["full"].eval_columns() == ["sort", "gpoints", "gpoints@ood", "prior", "sort@train",
                                               "gpoints@train"]
-    assert PRESETS["default"].model == "base" and PRESETS["default"].checkpoint_tasks is None
+    assert PRESETS["default"].model == "base" and PRESETS["default"].checkpoint_prior
 
 
 def test_a_method_the_vlm_cannot_take_is_refused_before_anything_is_written(tmp_path: Path) -> None:

@@ -59,8 +59,8 @@ VISION_PROBES = ["cards", "cards@ood"]  # card recognition, the perception probe
 # at pass@16.
 OOD_COLUMNS = {"gpoints": ["gpoints@ood"], "kg": ["kg@ood_composition", "kg@ood_zeroshot"],
                "gpoints_vl": ["gpoints_vl@ood", "gpoints_vl@ood_visual"]}
-# OOD columns read at every checkpoint, not only at stage ends: finding 13 decides on them at matched gain
-CHECKPOINT_OOD = ("kg",)
+# OOD columns read at every checkpoint, not only at stage ends: findings 13 and V1–V2 decide on them at matched gain
+CHECKPOINT_OOD = ("kg", "gpoints_vl")
 
 
 def on_policy(method: str) -> bool:
@@ -98,10 +98,10 @@ class DemoPreset(BaseModel):
     # training-prompt columns (200 prompts): fixed by eval_seed, the same items for every run
     n_per_task: dict[str, int | None] = Field(default_factory=lambda: {"reverse": 300, "sort": 400, "sort@train": 200,
                                                                        "gpoints@train": 200, "kg@train": 200})
-    # columns no stage trains besides the prior skills, read by the findings (the VLM's card recognition)
+    # columns no stage trains besides the prior skills, read by the findings at every checkpoint (the VLM's card
+    # recognition)
     probes: list[str] = Field(default_factory=list)
-    # columns of the in-stage checkpoints; None: see checkpoint_columns
-    checkpoint_tasks: list[str] | None = None
+    checkpoint_prior: bool = True  # the prior skills at every checkpoint too (what the text findings decide on)
     shift_prompts: int = 32
     token_examples: int = 256
     samples_per_prompt: int = 1  # self-SFT and iterative SFT: samples of every training prompt
@@ -130,12 +130,10 @@ class DemoPreset(BaseModel):
         return [*self.sequence, *ood, *self.probes, "prior", *trained]
 
     def checkpoint_columns(self) -> list[str]:
-        """What every in-stage checkpoint evaluates: ``checkpoint_tasks`` when the preset names them, else the stage
-        tasks, the OOD columns a finding decides on along the stage (:data:`CHECKPOINT_OOD`), the prior skills."""
-        if self.checkpoint_tasks is not None:
-            return list(self.checkpoint_tasks)
+        """What every in-stage checkpoint evaluates: the stage tasks, the OOD columns a finding decides on along the
+        stage (:data:`CHECKPOINT_OOD`), the probes, and the prior skills unless ``checkpoint_prior`` is off."""
         ood = [c for t in self.sequence if t in CHECKPOINT_OOD for c in OOD_COLUMNS[t]]
-        return [*self.sequence, *ood, "prior"]
+        return [*self.sequence, *ood, *self.probes, *(["prior"] if self.checkpoint_prior else [])]
 
     def budget(self, method: str) -> dict[str, Any]:
         """What one stage gives ``method``: steps, and sequences per step (rollouts for GRPO)."""
@@ -214,7 +212,7 @@ PRESETS = {
     "vision": DemoPreset(
         name="vision", model="vlm", sequence=list(VISION_SEQUENCE), seeds=[0, 1, 2, 3], lrs=[5e-5, 1e-4, 2e-4],
         steps=120, checkpoints=5, sft_batch=16, grpo_prompts=8, grpo_group=8, probes=list(VISION_PROBES),
-        checkpoint_tasks=[*VISION_SEQUENCE, "gpoints_vl@ood", "gpoints_vl@ood_visual", *VISION_PROBES],
+        checkpoint_prior=False,
         # every held-out puzzle of GeneralPoints-VL (492, cut into selection and test halves for the gate) and every
         # card-recognition hand (155, and its red-suit twin); 300 of the OOD splits and of vcolor, 100 of each text
         # prior (the VLM keeps them at 94–100%, README) and of the training prompts

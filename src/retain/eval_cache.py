@@ -48,10 +48,9 @@ def describe(model: torch.nn.Module, settings: dict[str, Any]) -> dict[str, Any]
     }
 
 
-def _entry(cache: Path, model: torch.nn.Module, settings: dict[str, Any]) -> tuple[Path, dict[str, Any]]:
-    description = describe(model, settings)
+def _entry(cache: Path, description: dict[str, Any]) -> Path:
     key = hashlib.sha256(json.dumps(description, sort_keys=True).encode()).hexdigest()[:32]
-    return cache / f"{key}.json", description
+    return cache / f"{key}.json"
 
 
 def _read_entry(entry: Path, description: dict[str, Any]) -> dict[str, Any] | None:
@@ -64,23 +63,28 @@ def _read_entry(entry: Path, description: dict[str, Any]) -> dict[str, Any] | No
     return None
 
 
-def stored_row(cache: str | Path | None, model: torch.nn.Module, settings: dict[str, Any]) -> dict[str, Any] | None:
-    """The stored row for this model and settings, or ``None`` (nothing is computed or written)."""
+def stored_row(cache: str | Path | None, model: torch.nn.Module, settings: dict[str, Any],
+               description: dict[str, Any] | None = None) -> dict[str, Any] | None:
+    """The stored row for this model and settings, or ``None`` (nothing is computed or written). ``description``:
+    :func:`describe` of them when the caller has it (the parameters' digest reads every weight once)."""
     if cache is None:
         return None
-    return _read_entry(*_entry(Path(cache), model, settings))
+    description = description or describe(model, settings)
+    return _read_entry(_entry(Path(cache), description), description)
 
 
 def cached_row(
-    cache: str | Path | None, model: torch.nn.Module, settings: dict[str, Any], compute: Callable[[], dict[str, Any]]
+    cache: str | Path | None, model: torch.nn.Module, settings: dict[str, Any], compute: Callable[[], dict[str, Any]],
+    description: dict[str, Any] | None = None,
 ) -> tuple[dict[str, Any], bool]:
     """``(row, hit)``: the stored row for this model and settings, or ``compute()`` stored for the next caller.
-    Without a cache directory it simply computes."""
+    Without a cache directory it simply computes. ``description``: as for :func:`stored_row`."""
     if cache is None:
         return compute(), False
     cache = Path(cache)
     cache.mkdir(parents=True, exist_ok=True)
-    entry, description = _entry(cache, model, settings)
+    description = description or describe(model, settings)
+    entry = _entry(cache, description)
     with open(entry.with_suffix(".lock"), "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # one computes, the others wait for its entry
         row = _read_entry(entry, description)

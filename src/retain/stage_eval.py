@@ -13,7 +13,7 @@ import torch
 from retain import distributed
 from retain import tasks as task_registry
 from retain.config import LM_EVAL_PREFIX, ExperimentConfig
-from retain.eval_cache import cached_row, stored_row
+from retain.eval_cache import cached_row, describe, stored_row
 from retain.evaluate import DEFAULT_MAX_NEW_TOKENS, answer_nll
 from retain.files import atomic_write_json, fault_point, read_json
 from retain.metrics.lmeval import lm_eval_cells
@@ -69,17 +69,24 @@ class StartingRow:
         self.cfg, self.cache, self.path = cfg, eval_cache, out / "stages" / "0" / "eval.json"
         self.settings = eval_settings(cfg)
         self.missing = not isinstance(json_or_none(self.path), dict)
+        self.description: dict[str, Any] | None = None  # the cache key's inputs, its weight digest read once
 
     def evaluates(self, model) -> bool:
         """Whether :meth:`write` evaluates ``model`` (the other ranks of a multi-process run evaluate exactly then)."""
-        return self.missing and stored_row(self.cache, model, self.settings) is None
+        return self.missing and stored_row(self.cache, model, self.settings, self._described(model)) is None
 
     def write(self, model, tokenizer, say: Progress) -> None:
         if not self.missing:
             return
         say("eval", {"stage": 0})
-        row, _ = cached_row(self.cache, model, self.settings, lambda: evaluate_row(model, tokenizer, self.cfg))
+        row, _ = cached_row(self.cache, model, self.settings, lambda: evaluate_row(model, tokenizer, self.cfg),
+                            self._described(model))
         atomic_write_json(self.path, row)
+
+    def _described(self, model) -> dict[str, Any] | None:
+        if self.cache is not None and self.description is None:
+            self.description = describe(model, self.settings)
+        return self.description
 
 
 class StagePoints:

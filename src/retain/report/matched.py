@@ -64,6 +64,8 @@ FULL_NEEDS = ("`retain demo --full` (every method, sort → GeneralPoints, 8 see
               "the README)")
 TASK_NEEDS = {"kg": "`retain demo --preset atomic` (SFT on the atomic facts, then SFT or GRPO on the knowledge "
                     "graph's two-hop questions, 8 seeds × 4 lrs; its compute is stated in the README)"}
+VISION_NEEDS = ("`retain demo --vision` (SFT and GRPO from the embedded VLM, GeneralPoints-VL → vcolor; its compute is "
+                "stated in the README)")  # every finding about pictures
 
 READOUTS = {
     "prior_drop": ("prior-skill drop", 100.0, "pts"),
@@ -507,17 +509,13 @@ def predictor_finding(agg: dict[str, Any]) -> dict[str, Any]:
     return {**out, "verdict": verdict, "measured": measured, "numbers": {"fits": fits}}
 
 
-NEEDS_VISION = ("needs `retain demo --vision` (SFT and GRPO from the embedded VLM, GeneralPoints-VL → vcolor; its "
-                "compute is stated in the README)")
-
-
 def not_run(f: MatchedFinding, why: str) -> dict[str, Any]:
     """A declared finding this preset cannot speak to: listed with what it needs, never given a verdict."""
-    needs = NEEDS_VISION if f.pictures else f"needs {TASK_NEEDS.get(f.task or '', FULL_NEEDS)}"
+    needs = VISION_NEEDS if f.pictures else TASK_NEEDS.get(f.task or "", FULL_NEEDS)
     return {"id": f.id, "claim": f.claim, "paper": f.paper, "verdict": NOT_RUN, "methods": [f.a, f.b],
             "stage": f.stage, "readout": f.readout, "numbers": {},
             "rule": f"stage {f.stage}; deciding readout: {READOUTS[f.readout][0]}; Δ = {f.a} − {f.b}",
-            "measured": f"{why}: {needs}"}
+            "measured": f"{why}: needs {needs}"}
 
 
 def shows_pictures(sequence: list[str]) -> bool:
