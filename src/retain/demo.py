@@ -59,8 +59,6 @@ VISION_PROBES = ["cards", "cards@ood"]  # card recognition, the perception probe
 # at pass@16.
 OOD_COLUMNS = {"gpoints": ["gpoints@ood"], "kg": ["kg@ood_composition", "kg@ood_zeroshot"],
                "gpoints_vl": ["gpoints_vl@ood", "gpoints_vl@ood_visual"]}
-# OOD columns read at every checkpoint, not only at stage ends: findings 13 and V1–V2 decide on them at matched gain
-CHECKPOINT_OOD = ("kg", "gpoints_vl")
 
 
 def on_policy(method: str) -> bool:
@@ -130,9 +128,10 @@ class DemoPreset(BaseModel):
         return [*self.sequence, *ood, *self.probes, "prior", *trained]
 
     def checkpoint_columns(self) -> list[str]:
-        """What every in-stage checkpoint evaluates: the stage tasks, the OOD columns a finding decides on along the
-        stage (:data:`CHECKPOINT_OOD`), the probes, and the prior skills unless ``checkpoint_prior`` is off."""
-        ood = [c for t in self.sequence if t in CHECKPOINT_OOD for c in OOD_COLUMNS[t]]
+        """What every in-stage checkpoint evaluates: the stage tasks, their OOD columns (findings 6, 13, 14 and
+        V1–V2 decide on them at matched gain, so along the stage, not only at its end), the probes, and the prior
+        skills unless ``checkpoint_prior`` is off."""
+        ood = [c for t in self.sequence for c in OOD_COLUMNS.get(t, [])]
         return [*self.sequence, *ood, *self.probes, *(["prior"] if self.checkpoint_prior else [])]
 
     def budget(self, method: str) -> dict[str, Any]:
