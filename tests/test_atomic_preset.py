@@ -14,7 +14,7 @@ import pytest
 from retain.config import parse_experiment
 from retain.demo import PRESETS, DemoPreset, demo_sweep
 from retain.report.aggregate import aggregate
-from retain.report.matched import FINDINGS, points_for, resolved
+from retain.report.matched import FINDINGS, learned_table, points_for, resolved
 from retain.sweep import expand
 from test_matched_report import (  # the fabricated-demo builders of the matched report's tests
     BASE_LR, BUDGET, N_HALF, by_id, cell, make_results, prior_cells, task_cell, write_demo,
@@ -144,6 +144,8 @@ def test_atomic_finding_reproduced_when_grpo_generalises_and_sft_memorises(tmp_p
             assert c["delta"] == pytest.approx(-a_slope * G + b_slope * c["target"], abs=0.02)
     # the atomic stage trains both arms the same way: the seed's stage-1 findings have no contrast there
     assert f["2"]["verdict"] == "not run" and "stage 1 (facts) trains every arm the same way" in f["2"]["measured"]
+    # ... and the "did each method learn" table lists only the compared two-hop stage, per method
+    assert [(row["stage"], row["method"]) for row in learned_table(agg)] == [(2, "sft"), (2, "grpo")]
 
 
 def test_atomic_finding_not_reproduced_when_the_arms_differ_only_by_lr(tmp_path: Path) -> None:

@@ -381,8 +381,16 @@ def learned(agg: dict[str, Any], method: str, stage: int) -> dict[str, Any]:
     }
 
 
+def fixed_tasks(agg: dict[str, Any]) -> set[str]:
+    """The stage tasks the preset trains the same way in every arm (demo.json ``settings.fixed_stages``): no method
+    is compared there, so neither the learned gate nor a finding reads them."""
+    return set((agg.get("meta", {}).get("settings") or {}).get("fixed_stages") or {})
+
+
 def learned_table(agg: dict[str, Any]) -> list[dict[str, Any]]:
-    stages = sorted({p["stage"] for r in agg["runs"] for p in r.get("points") or []})
+    fixed = fixed_tasks(agg)
+    stages = sorted({p["stage"] for r in agg["runs"] for p in r.get("points") or []
+                     if agg["sequence"][p["stage"] - 1] not in fixed})
     return [learned(agg, m, s) for s in stages for m in agg["methods"]]
 
 
@@ -535,8 +543,7 @@ def matched_findings(agg: dict[str, Any]) -> list[dict[str, Any]]:
     """Every declared finding of the demo's modality — decided where the runs can speak to it, else listed as not
     run with what it needs — and, for a text demo, finding 3's nested predictor, in id order."""
     present = set(agg["methods"])
-    # stages the preset trains the same way in every arm (demo.json settings.fixed_stages): no contrast there
-    fixed = set((agg.get("meta", {}).get("settings") or {}).get("fixed_stages") or {})
+    fixed = fixed_tasks(agg)
     pictures = shows_pictures(agg["sequence"])
     out = []
     for f in (f for f in FINDINGS if f.pictures == pictures):
