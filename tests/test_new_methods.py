@@ -154,6 +154,26 @@ def test_distillation_loss_and_gradients_are_those_of_the_padded_rows(micro_mode
         torch.testing.assert_close(mine, theirs, atol=1e-6, rtol=1e-4)
 
 
+@pytest.mark.parametrize("teacher", ["start", "ema", "base"])
+def test_a_teacher_runs_fused_like_the_student_with_the_same_logits(micro_model, tokenizer, teacher):
+    """The Trainer fuses the student; the objective fuses its own teacher too (train.fused), which must not change
+    what the teacher predicts: its logits on a packed rollout batch are bit-identical to the unfused model's."""
+    from retain.methods.grpo import packed_logits
+    from retain.models.fused import is_fused, unfuse
+
+    task = StubTask(n=5, reward_fn=varied_reward)
+    obj = objective("opd", micro_model, tokenizer, task, loss={"teacher": teacher})
+    assert is_fused(obj.teacher)
+    plain = unfuse(copy.deepcopy(obj.teacher))
+    b = obj.batches(0)[0]
+    with torch.no_grad():
+        mine = packed_logits(obj.teacher, b.prompt_ids, b.completion_ids, "cpu")[0]
+        theirs = packed_logits(plain, b.prompt_ids, b.completion_ids, "cpu")[0]
+    assert torch.equal(mine, theirs)
+    off = objective("opd", micro_model, tokenizer, task, loss={"teacher": teacher}, train={"fused": False})
+    assert not is_fused(off.teacher)  # train.fused off: the teacher stays as loaded
+
+
 def test_ema_teacher_moves_towards_the_live_weights(micro_model, tokenizer):
     t, s = torch.nn.Linear(2, 1, bias=False), torch.nn.Linear(2, 1, bias=False)
     with torch.no_grad():

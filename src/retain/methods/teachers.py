@@ -30,6 +30,7 @@ from retain.losses import aggregate, distill_kl
 from retain.methods.config import GRPOLoss, MethodConfig, TeacherKLLoss
 from retain.methods.grpo import GRPOObjective, RolloutBatch, packable, packed_logits
 from retain.methods.stage import StageContext
+from retain.models.fused import fuse
 
 
 def ema_update(teacher: torch.nn.Module, student: torch.nn.Module, rate: float) -> None:
@@ -72,6 +73,11 @@ class TeacherKLObjective(GRPOObjective):
             self.teacher = None  # the model being trained
         else:
             self.teacher = _frozen(load_model(self.kl.teacher).to(device))
+        if cfg.train.fused and self.teacher is not None:
+            # the Trainer fuses the student (retain.models.fused); the teacher takes the same path: in float32 its
+            # outputs are bit-identical to HF's, without HF's copies of the grouped keys and values under a mask.
+            # In place, also on the stage's reference (``start``): it changes module classes, no weight, no output
+            fuse(self.teacher)
         self.synced_at = 0
         self.teacher_prompts: dict[tuple[int, ...], list[int]] = {}
         if self.kl.context == "demonstration":
