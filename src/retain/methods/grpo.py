@@ -222,14 +222,30 @@ def packable(model: torch.nn.Module) -> bool:
 
 
 def packed_logp(model, prompt_ids, completion_ids, length, temperature, device) -> torch.Tensor:
-    """Log-probs of the completions with each prompt run once for all of its samples.
+    """Log-probs of the completions with each prompt run once for all of its samples (:func:`packed_logits`).
+    Returns the padded layout ``[B, length-1]``: entry (i, t) is log π(x_{t+1} | x_≤t) of row i, set where
+    ``completion_mask`` is true and 0 elsewhere."""
+    logits, tgt = packed_logits(model, prompt_ids, completion_ids, device)
+    if not tgt:  # every completion empty: nothing to score (the forward still runs, so gradients stay connected)
+        return logits.new_zeros((len(prompt_ids), length - 1)) + 0 * logits.sum()
+    lp = token_logprobs(logits, torch.tensor(tgt, device=device), temperature)
+    out_row = [i for i, c in enumerate(completion_ids) for _ in c]
+    out_col = [t for p, c in zip(prompt_ids, completion_ids) for t in range(len(p) - 1, len(p) - 1 + len(c))]
+    out = torch.zeros((len(prompt_ids), length - 1), dtype=lp.dtype, device=device)
+    return out.index_put((torch.tensor(out_row, device=device), torch.tensor(out_col, device=device)), lp)
+
+
+def packed_logits(model, prompt_ids, completion_ids, device) -> tuple[torch.Tensor, list[int]]:
+    """The logits that predict every completion token, with each prompt run once for all of its samples, and the
+    tokens they predict: ``[N, V]`` and N tokens (N = Σ len(c_i)), row by row — row 0's tokens in order, then row
+    1's, … (so two calls on the same completions after different prompts line up token for token).
 
     The completions of one prompt go into one row after it — [prompt, c_1, …, c_k] — with a mask under which c_j
     attends to the prompt and to its own earlier tokens only, and positions that restart after the prompt for every
-    c_j: each completion token then sees exactly what it sees in its own row [prompt, c_j], so the log-probs (and
+    c_j: each completion token then sees exactly what it sees in its own row [prompt, c_j], so the logits (and
     their gradients) are those of the padded batch, while the prompt's tokens run once per group instead of once per
-    sample and no row pads to the longest completion. Returns the padded layout ``[B, length-1]``: entry (i, t) is
-    log π(x_{t+1} | x_≤t) of row i, set where ``completion_mask`` is true and 0 elsewhere.
+    sample and no row pads to the longest completion. With every completion empty the result is ``[0, V]``, still
+    connected to the forward (so a loss built on it has gradients, all zero).
     """
     groups: dict[tuple[int, ...], list[int]] = {}
     for i, p in enumerate(prompt_ids):
@@ -250,7 +266,7 @@ def packed_logp(model, prompt_ids, completion_ids, length, temperature, device) 
     ids = torch.zeros((n_packs, width), dtype=torch.long)
     pos = torch.zeros((n_packs, width), dtype=torch.long)
     seg = torch.full((n_packs, width), -2, dtype=torch.long)  # -1 prompt, j completion j, -2 padding
-    src_row, src_col, tgt, out_row, out_col = [], [], [], [], []
+    placed: dict[int, tuple[int, int]] = {}  # row i → (packed row, column of its first completion token)
     for r, (prompt, rows) in enumerate(packs):
         plen = len(prompt)
         ids[r, :plen] = torch.tensor(prompt)
@@ -259,18 +275,20 @@ def packed_logp(model, prompt_ids, completion_ids, length, temperature, device) 
         at = plen
         for j, i in enumerate(rows):
             c = completion_ids[i]
-            if not c:  # an empty completion has no token to score (its row of the result stays 0)
+            if not c:  # an empty completion has no token to score
                 continue
             ids[r, at : at + len(c)] = torch.tensor(c)
             pos[r, at : at + len(c)] = torch.arange(plen, plen + len(c))
             seg[r, at : at + len(c)] = j
-            # token k of c is predicted at the prompt's last position (k = 0) or at c's token k-1
-            src_row += [r] * len(c)
-            src_col += [plen - 1] + list(range(at, at + len(c) - 1))
-            tgt += c
-            out_row += [i] * len(c)
-            out_col += list(range(plen - 1, plen - 1 + len(c)))
+            placed[i] = (r, at)
             at += len(c)
+    src_row, src_col, tgt = [], [], []
+    for i, c in enumerate(completion_ids):
+        if c:  # token k of c is predicted at the prompt's last position (k = 0) or at c's token k-1
+            r, at = placed[i]
+            src_row += [r] * len(c)
+            src_col += [len(prompt_ids[i]) - 1] + list(range(at, at + len(c) - 1))
+            tgt += c
     q = torch.arange(width)
     allowed = (q[:, None] >= q[None, :]) & (
         (seg[:, :, None] == seg[:, None, :]) | ((seg[:, None, :] == -1) & (seg[:, :, None] != -2))
@@ -279,9 +297,4 @@ def packed_logp(model, prompt_ids, completion_ids, length, temperature, device) 
     dtype = next(model.parameters()).dtype
     mask = torch.zeros(allowed.shape, dtype=dtype).masked_fill_(~allowed, torch.finfo(dtype).min)[:, None]
     logits = model(input_ids=ids.to(device), attention_mask=mask.to(device), position_ids=pos.to(device)).logits
-    if not tgt:  # every completion empty: nothing to score (the forward still runs, so gradients stay connected)
-        return logits.new_zeros((len(prompt_ids), length - 1)) + 0 * logits.sum()
-    picked = logits[torch.tensor(src_row, device=device), torch.tensor(src_col, device=device)]
-    lp = token_logprobs(picked, torch.tensor(tgt, device=device), temperature)
-    out = torch.zeros((len(prompt_ids), length - 1), dtype=lp.dtype, device=device)
-    return out.index_put((torch.tensor(out_row, device=device), torch.tensor(out_col, device=device)), lp)
+    return logits[torch.tensor(src_row, device=device), torch.tensor(src_col, device=device)], tgt

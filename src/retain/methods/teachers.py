@@ -5,7 +5,10 @@ The objective reuses GRPO's rollouts — ``group_size`` samples of each of ``pro
 current policy, every ``updates_per_batch`` steps — and replaces the policy gradient with the exact per-token KL
 between student and teacher over the vocabulary (:func:`retain.losses.distill_kl`), both at the sampling
 temperature, summed over completion tokens and divided by the rollout batch's completion-token count. Rewards are
-computed and logged (accuracy, reward) but do not enter the loss.
+computed and logged (accuracy, reward) but do not enter the loss. Student and teacher each run packed as GRPO's
+log-probs do (each prompt once for its group, no padding to the longest completion), and only the logits that
+predict completion tokens enter the KL: every row of a distillation batch trains (GRPO drops its zero-advantage
+rows), so its forwards cost the whole batch.
 
 Teachers (``TeacherKLLoss.teacher``): ``start`` the stage's frozen starting model (TRL SDFT's ``base``); ``live`` the
 model being trained, under no gradient; ``ema`` a copy of the stage's starting model moved towards the live weights
@@ -25,8 +28,9 @@ from retain.data import encode_prompt
 from retain.errors import RetainError
 from retain.losses import aggregate, distill_kl
 from retain.methods.config import GRPOLoss, MethodConfig, TeacherKLLoss
-from retain.methods.grpo import GRPOObjective, RolloutBatch
+from retain.methods.grpo import GRPOObjective, RolloutBatch, packable, packed_logits
 from retain.methods.stage import StageContext
+from retain.models.fused import fuse
 
 
 def ema_update(teacher: torch.nn.Module, student: torch.nn.Module, rate: float) -> None:
@@ -69,6 +73,11 @@ class TeacherKLObjective(GRPOObjective):
             self.teacher = None  # the model being trained
         else:
             self.teacher = _frozen(load_model(self.kl.teacher).to(device))
+        if cfg.train.fused and self.teacher is not None:
+            # the Trainer fuses the student (retain.models.fused); the teacher takes the same path: in float32 its
+            # outputs are bit-identical to HF's, without HF's copies of the grouped keys and values under a mask.
+            # In place, also on the stage's reference (``start``): it changes module classes, no weight, no output
+            fuse(self.teacher)
         self.synced_at = 0
         self.teacher_prompts: dict[tuple[int, ...], list[int]] = {}
         if self.kl.context == "demonstration":
@@ -86,40 +95,44 @@ class TeacherKLObjective(GRPOObjective):
         self.refresh_teacher(step)
         return super().batches(step)
 
-    def _teacher_logits(self, teacher: torch.nn.Module, batch: RolloutBatch, device, shape) -> torch.Tensor:
-        """Teacher logits aligned with the student's ``logits[:, :-1]``: entry (i, t) predicts the same completion
-        token for both, whatever prompt the teacher read."""
+    def teacher_prompt_ids(self, batch: RolloutBatch) -> list[list[int]]:
+        """What the teacher reads before each row's completion: the row's own prompt, or (context demonstration) its
+        prompt filled into the template with the prompt's reference answer."""
         if not self.teacher_prompts:
-            ids, att = batch.input_ids.to(device), batch.attention_mask.to(device)
-            return teacher(input_ids=ids, attention_mask=att).logits[:, :-1]
-        rows = []
-        for p, c in zip(batch.prompt_ids, batch.completion_ids):
-            shown = self.teacher_prompts.get(tuple(p))
-            if shown is None:
-                raise RetainError(f"{self.ctx.task_name!r}: a sampled prompt has no demonstration in the train split")
-            rows.append((p, shown, c))
-        width = max(len(s) + len(c) for _, s, c in rows)
-        pad = self.ctx.tokenizer.pad_token_id
-        ids = torch.full((len(rows), width), pad, dtype=torch.long)
-        att = torch.zeros((len(rows), width), dtype=torch.long)
-        for i, (_, s, c) in enumerate(rows):
-            ids[i, : len(s) + len(c)] = torch.tensor(s + c)
-            att[i, : len(s) + len(c)] = 1
-        logits = teacher(input_ids=ids.to(device), attention_mask=att.to(device)).logits
-        out = logits.new_zeros(shape)
-        for i, (p, s, c) in enumerate(rows):
-            out[i, len(p) - 1 : len(p) - 1 + len(c)] = logits[i, len(s) - 1 : len(s) - 1 + len(c)]
-        return out
+            return batch.prompt_ids
+        shown = [self.teacher_prompts.get(tuple(p)) for p in batch.prompt_ids]
+        if any(s is None for s in shown):
+            raise RetainError(f"{self.ctx.task_name!r}: a sampled prompt has no demonstration in the train split")
+        return shown
 
     def loss(self, model: torch.nn.Module, batch: RolloutBatch) -> tuple[torch.Tensor, dict[str, float]]:
         device = next(model.parameters()).device
-        ids, att = batch.input_ids.to(device), batch.attention_mask.to(device)
-        logits = model(input_ids=ids, attention_mask=att).logits[:, :-1]
-        mask = batch.completion_mask.to(device)
+        logits = completion_logits(model, batch.prompt_ids, batch.completion_ids, device)
         with torch.no_grad():
             teacher = self.teacher if self.teacher is not None else model
-            t_logits = self._teacher_logits(teacher, batch, device, logits.shape)
-        kl = distill_kl(logits, t_logits, mask, self.kl.direction, self.data.temperature)
-        loss = aggregate(kl, mask, "dapo", num_items=batch.total_tokens)
-        token_mean = float(kl.detach()[mask].mean()) if mask.any() else 0.0
+            t_logits = completion_logits(teacher, self.teacher_prompt_ids(batch), batch.completion_ids, device)
+        kl = distill_kl(logits, t_logits, None, self.kl.direction, self.data.temperature)
+        loss = aggregate(kl, None, "dapo", num_items=batch.total_tokens)
+        token_mean = float(kl.detach().mean()) if len(kl) else 0.0
         return loss, {**batch.metrics, "teacher_kl": token_mean}
+
+
+def completion_logits(model: torch.nn.Module, prompt_ids: list[list[int]], completion_ids: list[list[int]],
+                      device) -> torch.Tensor:
+    """``[N, V]``: the logits of ``model`` that predict each completion token after its row's prompt, row by row
+    (N = Σ len(c_i)), so the student's and the teacher's line up token for token whatever prompt each read. Only
+    these positions are kept: the KL is summed over completion tokens alone. Packed (each prompt once for its group,
+    :func:`retain.methods.grpo.packed_logits`) where the model takes a 4-D mask; else one right-padded row each."""
+    if packable(model):
+        return packed_logits(model, prompt_ids, completion_ids, device)[0]
+    width = max(len(p) + len(c) for p, c in zip(prompt_ids, completion_ids))
+    ids = torch.zeros((len(prompt_ids), width), dtype=torch.long)  # the padding is masked out and never read
+    att = torch.zeros((len(prompt_ids), width), dtype=torch.long)
+    for i, (p, c) in enumerate(zip(prompt_ids, completion_ids)):
+        ids[i, : len(p) + len(c)] = torch.tensor(p + c)
+        att[i, : len(p) + len(c)] = 1
+    logits = model(input_ids=ids.to(device), attention_mask=att.to(device)).logits
+    rows = [i for i, c in enumerate(completion_ids) for _ in c]
+    cols = [t for p, c in zip(prompt_ids, completion_ids) for t in range(len(p) - 1, len(p) - 1 + len(c))]
+    as_index = lambda xs: torch.tensor(xs, dtype=torch.long, device=device)  # noqa: E731
+    return logits[as_index(rows), as_index(cols)]
