@@ -5,6 +5,7 @@ BIN := $(VENV)/bin
 # STAMP: the package and what it needs at run time; TEST_STAMP: + the test extras (pytest, hypothesis, TRL, Ray)
 STAMP := $(VENV)/.installed
 TEST_STAMP := $(VENV)/.installed-test
+BENCH_STAMP := $(VENV)/.installed-bench
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
@@ -44,7 +45,16 @@ test: $(TEST_STAMP)
 		echo "chromium not installed: the browser test will be skipped"; }
 	$(BIN)/python -m pytest -q
 
-bench: $(TEST_STAMP)
+# the bench compares against TRL (a test extra) and lm-evaluation-harness (the lmeval extra): every row runs
+$(BENCH_STAMP): $(TEST_STAMP)
+	@if command -v nvidia-smi >/dev/null 2>&1; then \
+		$(BIN)/pip install -q -e ".[test,lmeval]"; \
+	else \
+		$(BIN)/pip install -q -c constraints-cpu.txt -e ".[test,lmeval]"; \
+	fi
+	touch $(BENCH_STAMP)
+
+bench: $(BENCH_STAMP)
 	$(BIN)/python bench/run.py
 
 # Rebuild the embedded base model shipped in src/retain/embedded/base (deterministic for the seed and thread count):
