@@ -125,10 +125,6 @@ class VisionModels:
               "as a text model, which never sees the picture")),
             (getattr(method.data, "source_model", None) is not None,
              "data.source_model: the source model is loaded as a text model and samples without the picture"),
-            (method.replay is not None and method.replay.ratio > 0,
-             ("replay.ratio > 0 keeps its buffers as (prompt, answer) text in the run directory, so a resumed run "
-              "would replay visual questions without their pictures (replay.prior_ratio alone, text prior skills, "
-              "is fine)")),
         ):
             if uses:
                 return f"{where}: method {method.name!r} cannot train a vision-language model: {why}"
