@@ -3,8 +3,10 @@
 ```yaml
 name: quick
 model: base                 # 'base' (embedded), a HF model directory, or a hub name; 'vlm' (the embedded
-                            # vision-language model) or a local VLM directory saved with its processor: visual
-                            # stage tasks and columns (retain.kind, retain.vision.kind)
+                            # vision-language model), a local VLM directory saved with its processor or a hub VLM:
+                            # visual stage tasks and columns (retain.kind, retain.vision.kind)
+model_kind: auto            # auto (from the model's config.json: local, or in the HF cache; never downloaded) |
+                            # text | vlm: say it for a hub model not yet downloaded (auto takes it as text)
 seed: 0
 mode: batch                 # batch: stage after stage | streaming: one pass, boundaries hidden from the method
 method: {name: sft, train: {lr: 3.0e-4}}   # default for every stage (a preset name, or a dict)
@@ -27,6 +29,7 @@ Every error is a ``RetainError`` naming the field path (``stages[1].task``), rai
 
 from __future__ import annotations
 
+import logging
 import re
 from pathlib import Path
 from typing import Any, Literal
@@ -40,6 +43,7 @@ from retain.rollout import ENGINE_ALIASES
 from retain.yaml_input import field_error, read_yaml
 
 
+logger = logging.getLogger("retain")
 LM_EVAL_PREFIX = "lm_eval:"  # evaluation columns scored by lm-evaluation-harness (eval.lm_eval)
 MAX_SAMPLES = 4096  # samples per prompt: beyond this a typo, not an experiment (each one is generated and kept)
 MAX_SEED = 2**32 - 1  # seeds derived from it (seed·1000 + stage, then ·1_000_003 + step) stay within int64
@@ -187,6 +191,10 @@ class StreamingConfig(_Strict):
 class ExperimentConfig(_Strict):
     name: str = "experiment"
     model: str = "base"
+    model_kind: Literal["auto", "text", "vlm"] = Field(
+        "auto", description="auto: a VLM when the model's config.json (a local directory's, or a hub model's in the "
+        "local Hugging Face cache) has a vision tower, else text; say text or vlm for a hub model not yet downloaded",
+    )
     seed: int = Field(0, ge=0, le=MAX_SEED)
     mode: Literal["batch", "streaming"] = "batch"
     method: dict[str, Any] | str = "sft"
@@ -244,26 +252,33 @@ class ExperimentConfig(_Strict):
             cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"steps": stage.steps})})
         return cfg
 
-    def model_kind(self):
-        """What kind of model ``model`` is (``retain.kind``): a vision-language model (``vlm``, or a local directory
-        whose config has a vision tower) or a text causal LM."""
+    def kind(self):
+        """What kind of model ``model`` is (``retain.kind``), as ``model_kind`` says: declared, or under auto a
+        vision-language model when its config.json (``vlm``, a local directory, or a hub model's in the local Hugging
+        Face cache) has a vision tower, else a text causal LM. A hub name not in the cache is taken as text and says
+        so in one line: validation never downloads, and the visual tasks then refuse it naming model_kind."""
         if self._kind is None:
-            from retain.kind import model_kind
+            from retain.kind import model_kind, undetected
 
-            self._kind = model_kind(self.model)
+            self._kind = model_kind(self.model, self.model_kind)
+            if self.model_kind == "auto" and undetected(self.model):
+                logger.warning("model %r is a hub name not in the local Hugging Face cache: taken as a text model "
+                               "(model_kind: vlm if it is a vision-language model)", self.model)
         return self._kind
 
     def _check_model_kind(self) -> None:
         """What the model's kind cannot run, refused before anything runs: pictures for a text model; for a VLM,
         the methods that cannot take pictures, streaming, vLLM and lm-eval columns (text-model paths)."""
-        kind = self.model_kind()
+        kind = self.kind()
         if kind.name == "text":
             shown = [(f"stages[{i}].task", s.task) for i, s in enumerate(self.stages)] + [
                 ("eval.tasks", c.partition("@")[0]) for c in self.eval_tasks() if not c.startswith(LM_EVAL_PREFIX)]
             for where, task in shown:
                 if getattr(task_registry.get(task), "modality", "text") == "image":
+                    how = ("model_kind: vlm for a hub VLM not yet downloaded" if self.model_kind == "auto" else
+                           "model_kind: auto or vlm")
                     raise RetainError(f"{where}: task {task!r} shows pictures, and model {self.model!r} is a text "
-                                      "model (use model: vlm, or a VLM directory saved with its processor)")
+                                      f"model (use model: vlm, a VLM directory saved with its processor, or {how})")
             return
         for i in range(len(self.stages)):
             said = kind.refusal(self._methods[i], f"stages[{i}].method" if self.stages[i].method else "method")
@@ -282,7 +297,7 @@ class ExperimentConfig(_Strict):
     def rollout_engine(self):
         """The engine choice the method parts, shift and checks sample with: ``engine`` for a text model, the VLM's
         own (its processor and ``generate``) for a vision-language model."""
-        return self.model_kind().engine(self.engine)
+        return self.kind().engine(self.engine)
 
     def stage_method(self, i: int) -> MethodConfig:
         """Stage ``i``'s method, typed: the preset or dict of ``stages[i].method`` (else ``method``) resolved once,
@@ -305,7 +320,7 @@ class ExperimentConfig(_Strict):
         checkpointing, trust_remote_code, on this process's device."""
         from retain.distributed import train_device
 
-        return self.model_kind().load(
+        return self.kind().load(
             self.model if spec is None else spec, trust_remote_code=self.trust_remote_code, dtype=self.dtype,
             gradient_checkpointing=self.gradient_checkpointing, device=train_device(self.device),
         )

@@ -14,7 +14,8 @@ one code path for both:
 
 ``TEXT`` is the kind of every causal LM; ``retain.vision.kind.VisionModels`` is the VLM's. ``model_kind(spec)``
 asks each kind in ``KINDS`` whether it claims the model (named by "module:class", imported only then, as the task
-registry names the visual tasks: the core never imports the vision package).
+registry names the visual tasks: the core never imports the vision package), or takes the kind a config declares
+(``model_kind: text | vlm``): a hub name not in the local cache cannot be told apart without a download.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ import torch
 from transformers import PreTrainedTokenizerBase
 
 from retain.data import TokenPair, encode_text
+from retain.errors import RetainError
 from retain.rollout import EngineChoice, make_engine
 
 # (task name, n, samples, split, seed) -> the column's cell (accuracy, n, correct, halves, pass@K)
@@ -74,18 +76,41 @@ class TextModels:
 
 TEXT = TextModels()
 
-# kinds besides text, each a class with ``claims(spec) -> bool`` and a constructor taking the spec
-KINDS = ("retain.vision.kind:VisionModels",)
+# kinds besides text, by the name ``model_kind`` declares them with: each a class with ``claims(spec) -> bool``,
+# ``cannot_tell(spec) -> bool`` (a hub name not in the local cache), ``contradicts(spec) -> bool`` and a constructor
+# taking the spec
+KINDS = {"vlm": "retain.vision.kind:VisionModels"}
+DECLARED = ("auto", "text", *KINDS)  # the values of the config's model_kind field
 
 
-def model_kind(spec: str | Path) -> Any:
-    """The kind of the model ``spec`` names: the first of ``KINDS`` that claims it, else ``TEXT``."""
+def _kind_class(name: str) -> Any:
+    module, _, attr = KINDS[name].partition(":")
+    return getattr(importlib.import_module(module), attr)
+
+
+def model_kind(spec: str | Path, declared: str = "auto") -> Any:
+    """The kind of the model ``spec`` names. ``declared`` 'text' or a name of ``KINDS`` says it (a model whose config
+    can be read and lacks what that kind needs is refused); 'auto' asks each kind in ``KINDS`` whether it claims the
+    model — from a local directory's config.json or the local Hugging Face cache's, never the network — else ``TEXT``."""
+    if declared == "text":
+        return TEXT
+    if declared != "auto":
+        kind = _kind_class(declared)
+        if kind.contradicts(spec):
+            raise RetainError(f"model_kind: {declared!r}, but the config.json of model {str(spec)!r} has no vision "
+                              "tower (model_kind: auto or text)")
+        return kind(spec)
     for name in KINDS:
-        module, _, attr = name.partition(":")
-        kind = getattr(importlib.import_module(module), attr)
+        kind = _kind_class(name)
         if kind.claims(spec):
             return kind(spec)
     return TEXT
 
 
-__all__ = ["KINDS", "TEXT", "ColumnEvaluator", "TextModels", "model_kind"]
+def undetected(spec: str | Path) -> list[str]:
+    """The kinds of ``KINDS`` that cannot tell whether they claim ``spec`` without a download (a hub name not in the
+    local cache): under 'auto' such a model is taken as text."""
+    return [name for name in KINDS if _kind_class(name).cannot_tell(spec)]
+
+
+__all__ = ["DECLARED", "KINDS", "TEXT", "ColumnEvaluator", "TextModels", "model_kind", "undetected"]

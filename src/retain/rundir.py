@@ -54,6 +54,7 @@ from retain.files import (
     write_manifest,
 )
 from retain.methods.stage import MethodState
+from retain.methods.replay_record import replay_from_record, replay_record
 from retain.models.adapters import merged_copy
 from retain.rollout import ENGINE_ALIASES
 from retain.stored_config import config_difference
@@ -290,7 +291,7 @@ def save_state(state: MethodState, path: Path) -> None:
     tensors = state.to_tensors()
     if tensors:
         save_file(tensors, str(tmp / "tensors.safetensors"))
-    atomic_write_json(tmp / "replay.json", state.replay)
+    atomic_write_json(tmp / "replay.json", replay_record(state.replay))  # a picture by its example and digest
     write_manifest(tmp)
     fault_point("state_dir")
     publish_dir(tmp, path)
@@ -300,4 +301,5 @@ def load_state(path: Path) -> MethodState:
     from safetensors.torch import load_file
 
     tensors = load_file(str(path / "tensors.safetensors")) if (path / "tensors.safetensors").exists() else {}
-    return MethodState.from_tensors(tensors, read_json(path / "replay.json"))
+    replay = replay_from_record(read_json(path / "replay.json"), str(path / "replay.json"))
+    return MethodState.from_tensors(tensors, replay)

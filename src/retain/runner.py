@@ -6,7 +6,7 @@ seed, machine and thread count give bit-identical results, resumed or not.
 
 Under a multi-process launcher every rank runs the same stage loop (:func:`run_stages`) — the same stages, seeds
 and evaluations, so the ranks stay in step in the Trainer's collectives — and only the main rank writes. The runner
-does not know which method it runs, nor which kind of model (``cfg.model_kind()``, ``retain.kind``: a text model or
+does not know which method it runs, nor which kind of model (``cfg.kind()``, ``retain.kind``: a text model or
 a vision-language model, whose loading, encoding with pictures, engine and column evaluation it hands over).
 """
 
@@ -140,7 +140,7 @@ def run_stages(
         seed_everything(cfg.stage_seed(k))
         model = train_stage(
             model, tokenizer, task_name, method, stage_index=k, seen_tasks=cfg.stage_tasks()[:k], state=state,
-            seed=cfg.stage_seed(k), engine=cfg.rollout_engine(), kind=cfg.model_kind(),
+            seed=cfg.stage_seed(k), engine=cfg.rollout_engine(), kind=cfg.kind(),
             log=StageLog(out, say, k + 1, task_name, watch) if writes else None,
             device=cfg.device, mixed_precision=cfg.mixed_precision,
             checkpoint_dir=stage_dir / "checkpoint" if method.train.checkpoint_every else None,
@@ -152,7 +152,7 @@ def run_stages(
         shift = measure_shift(base, previous, model, tokenizer, task_name, cfg, k + 1)
         if not writes:
             continue
-        finish_stage(out, k + 1, model, cfg.model_kind().saved_with(tokenizer), state, model_card(cfg, k + 1, row, shift),
+        finish_stage(out, k + 1, model, cfg.kind().saved_with(tokenizer), state, model_card(cfg, k + 1, row, shift),
                      {"stage": k + 1, "task": task_name, "method": method.model_dump(mode="json"), "row": row,
                       "steps": method.train.steps, "trajectory": points.collected(), "shift": shift,
                       "train_seconds": round(train_seconds, 2)}, started)

@@ -31,7 +31,7 @@ def eval_seed(cfg: ExperimentConfig) -> int:
 def evaluate_row(model, tokenizer, cfg: ExperimentConfig, columns: list[str] | None = None) -> dict[str, dict[str, Any]]:
     """One evaluation row: greedy accuracy (per item, and on the selection and test halves) of every column, pass@K
     when asked, and the answer NLL of the ``eval.nll`` columns. ``columns``: a subset (the in-stage checkpoints')."""
-    kind = cfg.model_kind()
+    kind = cfg.kind()
     evaluate_column = kind.evaluator(model, tokenizer, cfg.engine)  # a VLM's: visual columns with their pictures
     seed, nll = eval_seed(cfg), set(cfg.nll_columns())
     row = {}
@@ -146,7 +146,7 @@ def measure_shift(base, previous, model, tokenizer, task_name: str, cfg: Experim
     prompts = [e.prompt for e in task.examples("test", cfg.shift.prompts, seed=cfg.seed)]
     max_new = getattr(task, "max_new_tokens", DEFAULT_MAX_NEW_TOKENS)
     seed = cfg.shift_seed(stage)
-    engine, pictures = cfg.rollout_engine(), cfg.model_kind().pixel_values  # over the text tokens given the picture
+    engine, pictures = cfg.rollout_engine(), cfg.kind().pixel_values  # over the text tokens given the picture
     out["from_base"] = kl_shift(base, model, tokenizer, prompts, cfg.shift.samples, max_new, seed, engine, pictures)
     if stage == 1:  # the first stage's previous model is the base: the same measurement, not made twice
         out["from_previous"] = out["from_base"]

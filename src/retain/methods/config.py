@@ -271,8 +271,24 @@ class AdapterConfig(_Strict):
     r: int = Field(8, ge=1, le=1 << 16)
     alpha: float = Field(16.0, gt=0)
     dropout: float = Field(0.0, ge=0, lt=1)
-    target_modules: list[str] = Field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "up_proj", "down_proj", "gate_proj"])
+    target_modules: list[str] | str = Field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "up_proj", "down_proj", "gate_proj"],
+        description="module names (each matched as a name's last part), or one regex a module's full name must match "
+        "(peft's two forms): a VLM's language model alone is a regex, since its vision tower has gate/up/down_proj too",
+    )
     per_stage: bool = True
+
+    @field_validator("target_modules")
+    @classmethod
+    def _targets(cls, v: list[str] | str) -> list[str] | str:
+        if isinstance(v, str):
+            try:
+                re.compile(v)
+            except re.error as err:
+                raise ValueError(f"not a regular expression ({err}): {v!r}") from None
+        elif not v:
+            raise ValueError("name at least one module")
+        return v
 
 
 class MethodConfig(_Strict):

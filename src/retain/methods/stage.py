@@ -29,7 +29,8 @@ class MethodState:
         return out
 
     @classmethod
-    def from_tensors(cls, tensors: dict[str, torch.Tensor], replay: dict[str, list[list[str]]]) -> "MethodState":
+    def from_tensors(cls, tensors: dict[str, torch.Tensor], replay: dict[str, list[Any]]) -> "MethodState":
+        """The state ``to_tensors`` and the replay buffers (``retain.methods.replay_record``, pictures restored) saved."""
         fisher = {k[len("fisher."):]: v for k, v in tensors.items() if k.startswith("fisher.")} or None
         anchor = {k[len("anchor."):]: v for k, v in tensors.items() if k.startswith("anchor.")} or None
         return cls({t: [tuple(p) for p in pairs] for t, pairs in replay.items()}, fisher, anchor)

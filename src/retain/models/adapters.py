@@ -17,7 +17,7 @@ class LoraSettings(Protocol):
     r: int
     alpha: float
     dropout: float
-    target_modules: list[str]
+    target_modules: list[str] | str  # names, or one regex of the full module name (peft)
     per_stage: bool
 
 

@@ -30,7 +30,10 @@ from retain.kind import ColumnEvaluator
 from retain.models.loading import enable_gradient_checkpointing, torch_dtype
 from retain.rollout import EngineChoice, make_engine
 from retain.vision.engine import VisionEngine
-from retain.vision.model import is_vlm, load_processor, load_vlm, resolve_vlm_path, text_view, vision_prompt_text
+from retain.vision.model import (
+    has_vision_tower, is_vlm, load_processor, load_vlm, model_config_file, resolve_vlm_path, text_view, vision_prompt_text,
+    vlm_unknown,
+)
 
 
 class VisionModels:
@@ -46,6 +49,17 @@ class VisionModels:
     @classmethod
     def claims(cls, spec: str | Path) -> bool:
         return is_vlm(spec)
+
+    @classmethod
+    def cannot_tell(cls, spec: str | Path) -> bool:
+        """A hub name whose config is not in the local cache: whether it is a VLM would need a download."""
+        return vlm_unknown(spec)
+
+    @classmethod
+    def contradicts(cls, spec: str | Path) -> bool:
+        """``spec`` has a config to read (local, or cached) and it has no vision tower: it cannot load as a VLM."""
+        config = model_config_file(spec)
+        return config is not None and not has_vision_tower(config)
 
     @property
     def processor(self) -> Any:
@@ -111,10 +125,6 @@ class VisionModels:
               "as a text model, which never sees the picture")),
             (getattr(method.data, "source_model", None) is not None,
              "data.source_model: the source model is loaded as a text model and samples without the picture"),
-            (method.replay is not None and method.replay.ratio > 0,
-             ("replay.ratio > 0 keeps its buffers as (prompt, answer) text in the run directory, so a resumed run "
-              "would replay visual questions without their pictures (replay.prior_ratio alone, text prior skills, "
-              "is fine)")),
         ):
             if uses:
                 return f"{where}: method {method.name!r} cannot train a vision-language model: {why}"

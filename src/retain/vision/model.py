@@ -15,6 +15,7 @@ the model puts the projected patch features there.
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import torch
@@ -124,17 +125,62 @@ def resolve_vlm_path(spec: str | Path) -> str:
     return resolve_model_path(spec)
 
 
+def hub_cache_dir() -> str:
+    """The Hugging Face hub cache as this process sees it now (``HF_HUB_CACHE``, else ``HF_HOME``/hub, else the
+    default), read at call time rather than when huggingface_hub was imported."""
+    from huggingface_hub import constants
+
+    if os.environ.get("HF_HUB_CACHE"):
+        return os.environ["HF_HUB_CACHE"]
+    if os.environ.get("HF_HOME"):
+        return str(Path(os.environ["HF_HOME"]) / "hub")
+    return constants.HF_HUB_CACHE
+
+
+def model_config_file(spec: str | Path) -> Path | None:
+    """The config.json that says what ``spec`` is, found without the network: a local directory's own (``vlm``
+    included), or a hub name's in the local Hugging Face cache; None when there is none to read (a hub name never
+    downloaded, or not a model retain can resolve: the loader then says why)."""
+    from huggingface_hub import try_to_load_from_cache
+    from huggingface_hub.errors import HFValidationError
+
+    try:
+        resolved = resolve_vlm_path(spec)
+    except RetainError:
+        return None
+    local = Path(resolved) / "config.json"
+    if local.is_file():
+        return local
+    if Path(resolved).exists():
+        return None
+    try:
+        cached = try_to_load_from_cache(resolved, "config.json", cache_dir=hub_cache_dir())
+    except (HFValidationError, ValueError):
+        return None
+    return Path(cached) if isinstance(cached, str) else None  # None, or the cache's "known not to exist" marker
+
+
+def has_vision_tower(config: Path) -> bool:
+    try:
+        return "vision_config" in json.loads(config.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+
+
 def is_vlm(spec: str | Path) -> bool:
-    """``vlm``, or a local model directory whose config has a vision tower (a VLM saved with its processor); a hub
-    name is not looked up (download it first)."""
+    """``vlm``, a local model directory or a cached hub model whose config has a vision tower (a VLM saved with its
+    processor); a hub name not in the local cache is not looked up (``vlm_unknown`` says so)."""
+    config = model_config_file(spec)
+    return config is not None and has_vision_tower(config)
+
+
+def vlm_unknown(spec: str | Path) -> bool:
+    """True for a hub name whose config is not in the local cache: whether it is a VLM would need a download."""
     try:
-        config = Path(resolve_vlm_path(spec)) / "config.json"
-    except RetainError:  # not a model retain can resolve: the text loader says why
+        resolved = resolve_vlm_path(spec)
+    except RetainError:
         return False
-    try:
-        return config.is_file() and "vision_config" in json.loads(config.read_text(encoding="utf-8"))
-    except ValueError:
-        return False
+    return not Path(resolved).exists() and model_config_file(spec) is None
 
 
 def load_processor(spec: str | Path) -> ProcessorMixin:
