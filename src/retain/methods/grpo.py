@@ -232,7 +232,8 @@ def packed_logp(model, prompt_ids, completion_ids, length, temperature, device) 
     out_row = [i for i, c in enumerate(completion_ids) for _ in c]
     out_col = [t for p, c in zip(prompt_ids, completion_ids) for t in range(len(p) - 1, len(p) - 1 + len(c))]
     out = torch.zeros((len(prompt_ids), length - 1), dtype=lp.dtype, device=device)
-    return out.index_put((torch.tensor(out_row, device=device), torch.tensor(out_col, device=device)), lp)
+    return out.index_put((torch.tensor(out_row, dtype=torch.long, device=device),
+                          torch.tensor(out_col, dtype=torch.long, device=device)), lp)
 
 
 def packed_logits(model, prompt_ids, completion_ids, device) -> tuple[torch.Tensor, list[int]]:
@@ -297,4 +298,6 @@ def packed_logits(model, prompt_ids, completion_ids, device) -> tuple[torch.Tens
     dtype = next(model.parameters()).dtype
     mask = torch.zeros(allowed.shape, dtype=dtype).masked_fill_(~allowed, torch.finfo(dtype).min)[:, None]
     logits = model(input_ids=ids.to(device), attention_mask=mask.to(device), position_ids=pos.to(device)).logits
-    return logits[torch.tensor(src_row, device=device), torch.tensor(src_col, device=device)], tgt
+    # long indices stated: with every completion empty the lists are empty and torch.tensor([]) would be float
+    rows = torch.tensor(src_row, dtype=torch.long, device=device)
+    return logits[rows, torch.tensor(src_col, dtype=torch.long, device=device)], tgt
