@@ -15,6 +15,16 @@ from retain.models.tokenizer import build_tokenizer
 torch.set_num_threads(int(os.environ.get("RETAIN_TEST_THREADS", "2")))
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """The test models are tiny (hidden 32 to 192): a second torch thread only adds synchronisation, and two threads
+    spin against each other on a shared 2-core machine. Module-scoped so a module-scoped fixture can take it."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def tokenizer():
     return build_tokenizer()

@@ -44,17 +44,6 @@ def user_module(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def one_thread():
-    """These models are tiny (hidden 32, 192): a second torch thread only adds synchronisation."""
-    import torch
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
 def tracked_run(tmp_path_factory, user_module, one_thread):
     """A micro model: SFT on arith, then GRPO on a dataset whose reward is the user's function; TensorBoard and
     MLflow both on."""

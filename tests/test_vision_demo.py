@@ -283,17 +283,6 @@ def test_a_method_that_never_learns_gpoints_vl_is_not_reached(tmp_path: Path) ->
 # end to end, microscopic
 
 
-@pytest.fixture()
-def one_thread():
-    """The tiny VLM runs fastest on one thread (two threads spin against each other on a shared 2-core machine)."""
-    import torch
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def test_the_vision_demo_runs_end_to_end_at_a_microscopic_budget(tmp_path: Path, monkeypatch, one_thread) -> None:
     columns = VISION.eval_columns()
     tiny = VISION.model_copy(update={

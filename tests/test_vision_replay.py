@@ -20,12 +20,7 @@ from retain.rundir import load_state, save_state
 from retain.runner import run_experiment
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest
 
 
 def filled_state(tasks_and_seeds) -> MethodState:

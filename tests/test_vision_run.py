@@ -24,13 +24,7 @@ def visual_run(method: dict) -> dict:
             "shift": {"prompts": 3}}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """The tiny VLM runs fastest on one thread (and two threads thrash on a shared 2-core machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: the tiny VLM runs fastest on one thread
 
 
 SFT = {"name": "sft", "batch_size": 4, "train": {"steps": 2, "lr": 1e-3}}
