@@ -40,6 +40,10 @@ class VisionModels:
     """A LLaVA-style VLM and its processor (loaded once from ``spec``; every stage's checkpoint saves the same one)."""
 
     name = "vision"
+    # LLaVA reads the vision tower's hidden states, never its pooled output, so CLIP's post_layernorm gets no
+    # gradient: DDP must look for such parameters. A single process is wrapped in DDP too when vLLM's in-process
+    # launcher has set LOCAL_RANK (accelerate reads it as a launch), so this is needed with ``engine: vllm`` on one GPU.
+    unused_parameters = True
 
     def __init__(self, spec: str | Path | None, processor: Any = None) -> None:
         self.spec = spec
