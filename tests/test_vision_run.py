@@ -103,7 +103,6 @@ def test_token_analysis_reads_visual_targets_given_the_picture():
     ({"method": {"name": "rl_sample_sft", "data": {"source_model": "vlm"}}},
      "'rl_sample_sft' cannot train a vision-language model: data.source_model"),
     ({"mode": "streaming"}, "mode: model 'vlm' is a vision-language model; streaming mode trains text models only"),
-    ({"engine": "vllm"}, "engine: model 'vlm' is a vision-language model; the vllm engine does not take pictures"),
     ({"trust_remote_code": True}, "trust_remote_code: model 'vlm' is a vision-language model; retain loads VLMs"),
 ])
 def test_configs_a_vlm_run_cannot_take_are_refused_in_one_line(change, refused):

@@ -1,17 +1,14 @@
-"""The vLLM rollout engine's logic on CPU, against a stand-in ``vllm`` module (no GPU and no vllm here).
-
-The stand-in records what the engine asks of vLLM (the LLM's arguments, the requests and their SamplingParams, the
-weights pushed into its worker model) and answers with canned completions. What a real vLLM does with those calls
-is not tested here.
+"""The vLLM rollout engine's logic on CPU, against a stand-in ``vllm`` module (``vllm_stand_in``: no GPU and no
+vllm here). What a real vLLM does with the engine's calls is not tested here.
 """
 
 from __future__ import annotations
 
 import sys
-import types
 
 import pytest
 import torch
+from vllm_stand_in import LLM, stand_in_vllm
 
 from retain.data import encode_prompt
 from retain.errors import RetainError
@@ -19,66 +16,10 @@ from retain.rollout import make_engine
 from retain.rollout import vllm as vllm_engine
 
 
-class SamplingParams:
-    def __init__(self, **kwargs):
-        self.__dict__.update(kwargs)
-
-
-class _Worker:
-    def __init__(self, pushes):
-        self.pushes = pushes
-
-    def load_weights(self, weights):
-        self.pushes.append({name: t.detach().clone() for name, t in weights})
-
-
-class LLM:
-    instances: list["LLM"] = []
-
-    def __init__(self, **kwargs):
-        self.kwargs = kwargs
-        self.pushes: list[dict[str, torch.Tensor]] = []
-        self.requests: list[tuple[list, list]] = []
-        self.resets = 0
-        worker = types.SimpleNamespace(model_runner=types.SimpleNamespace(model=_Worker(self.pushes)))
-        self.llm_engine = types.SimpleNamespace(model_executor=types.SimpleNamespace(driver_worker=worker))
-        LLM.instances.append(self)
-
-    def reset_prefix_cache(self):
-        self.resets += 1
-
-    def generate(self, prompts, sampling_params, use_tqdm=True):
-        """Sample i answers with tokens 5, 6, …: i % 3 == 0 stops at eos (reported, followed by junk), 1 runs to
-        max_tokens, 2 stops at eos without reporting it."""
-        self.requests.append((prompts, sampling_params))
-        eos = self.eos
-        outs = []
-        for i, (prompt, sp) in enumerate(zip(prompts, sampling_params)):
-            if i % 3 == 0:
-                ids, reason = [5, 6, eos, 7], "stop"
-            elif i % 3 == 1:
-                ids, reason = [5 + (i % 4)] * sp.max_tokens, "length"
-            else:
-                ids, reason = [6, 5], "stop"
-            sample = types.SimpleNamespace(token_ids=ids, finish_reason=reason)
-            outs.append(types.SimpleNamespace(prompt_token_ids=prompt["prompt_token_ids"], outputs=[sample]))
-        return outs
-
-
 @pytest.fixture()
 def fake_vllm(monkeypatch, tokenizer):
-    module = types.ModuleType("vllm")
-    module.LLM, module.SamplingParams = LLM, SamplingParams
-    LLM.instances = []
-    LLM.eos = tokenizer.eos_token_id
-    monkeypatch.setitem(sys.modules, "vllm", module)
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    for var in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):  # the engine sets them: restore
-        monkeypatch.setenv(var, "")
-        monkeypatch.delenv(var)
-    vllm_engine.release()
-    yield module
-    vllm_engine.release()
+    with stand_in_vllm(monkeypatch, tokenizer.eos_token_id) as module:
+        yield module
 
 
 @pytest.fixture()
@@ -127,6 +68,7 @@ def test_generate_shapes_sampling_params_and_eos_handling(fake_vllm, base):
     assert roll.prompt_ids[0] == encode_prompt(tok, "reverse abc") == prompts[0]["prompt_token_ids"]
     assert all(p.n == 1 and p.temperature == 0.7 and p.max_tokens == 4 for p in params)
     assert all(p.stop_token_ids == [tok.eos_token_id] and p.detokenize is False for p in params)
+    assert all(not hasattr(p, "logit_bias") for p in params)  # nothing banned for a text model
     assert [p.seed for p in params] == [11 * vllm_engine.SEED_STRIDE + i for i in range(6)]  # distinct, reproducible
     eos = tok.eos_token_id
     assert roll.completion_ids[0] == [5, 6, eos]  # cut at the first eos

@@ -18,7 +18,8 @@ eval:
                             # or names: 'kg', 'kg@ood', 'prior', 'sequence'
   n: 128                    # prompts per task
 shift: {prompts: 64, samples: 1}
-engine: kv_cache            # rollout engine: kv_cache (default; old name cached) | hf | vllm (GPU, retain[vllm])
+engine: kv_cache            # rollout engine: kv_cache (default; old name cached) | hf | vllm (GPU, retain[vllm];
+                            # a VLM's pictures too)
 dtype: fp32                 # weights as loaded: fp32 | bf16 | fp16 | auto (the checkpoint's own dtype)
 mixed_precision: "no"       # no | bf16 | fp16: autocast forward over fp32 weights (accelerate's mixed precision)
 gradient_checkpointing: false   # recompute activations in the backward (large models, long sequences)
@@ -268,7 +269,7 @@ class ExperimentConfig(_Strict):
 
     def _check_model_kind(self) -> None:
         """What the model's kind cannot run, refused before anything runs: pictures for a text model; for a VLM,
-        the methods that cannot take pictures, streaming, vLLM and lm-eval columns (text-model paths)."""
+        the methods that cannot take pictures, streaming and lm-eval columns (text-model paths)."""
         kind = self.kind()
         if kind.name == "text":
             shown = [(f"stages[{i}].task", s.task) for i, s in enumerate(self.stages)] + [
@@ -286,8 +287,6 @@ class ExperimentConfig(_Strict):
                 raise RetainError(said)
         for where, wrong, why in (
             ("mode", self.mode == "streaming", "streaming mode trains text models only"),
-            ("engine", self.engine == "vllm", "the vllm engine does not take pictures yet (kv_cache or hf: the VLM's "
-                                              "generate)"),
             ("eval.lm_eval", self.eval.lm_eval is not None, "lm-evaluation-harness columns score text models only"),
             ("trust_remote_code", self.trust_remote_code, "retain loads VLMs with transformers' own classes only"),
         ):
@@ -296,7 +295,7 @@ class ExperimentConfig(_Strict):
 
     def rollout_engine(self):
         """The engine choice the method parts, shift and checks sample with: ``engine`` for a text model, the VLM's
-        own (its processor and ``generate``) for a vision-language model."""
+        own for a vision-language model (through vLLM with ``engine: vllm``, else its processor and ``generate``)."""
         return self.kind().engine(self.engine)
 
     def stage_method(self, i: int) -> MethodConfig:

@@ -59,16 +59,20 @@ def train_device(device: str = "auto") -> torch.device:
     return torch.device("cuda")
 
 
-def make_accelerator(device: str = "auto", mixed_precision: str = "no") -> Any:
+def make_accelerator(device: str = "auto", mixed_precision: str = "no", find_unused_parameters: bool = False) -> Any:
     """The Trainer's Accelerator for a config's ``device`` and ``mixed_precision`` (``None``: the Trainer's default,
     which also takes ``accelerate launch --mixed_precision`` from the environment). ``mixed_precision: bf16`` keeps
-    fp32 weights and optimizer state and runs the forward under bf16 autocast."""
-    if device == "auto" and mixed_precision == "no":
+    fp32 weights and optimizer state and runs the forward under bf16 autocast. ``find_unused_parameters``: DDP
+    looks for parameters a forward leaves without a gradient (a model that has some fails DDP's second step
+    without it)."""
+    if device == "auto" and mixed_precision == "no" and not find_unused_parameters:
         return None
-    from accelerate import Accelerator
+    from accelerate import Accelerator, DistributedDataParallelKwargs
 
+    handlers = [DistributedDataParallelKwargs(find_unused_parameters=True)] if find_unused_parameters else None
     return Accelerator(
-        cpu=train_device(device).type == "cpu", mixed_precision=None if mixed_precision == "no" else mixed_precision
+        cpu=train_device(device).type == "cpu", mixed_precision=None if mixed_precision == "no" else mixed_precision,
+        kwargs_handlers=handlers,
     )
 
 

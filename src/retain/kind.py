@@ -41,6 +41,7 @@ class TextModels:
     """Causal language models: prompts are text, batches have no pictures, every engine samples them."""
 
     name = "text"
+    unused_parameters = False  # every parameter gets a gradient from a training forward (DDP need not look)
 
     def resolve(self, spec: str | Path) -> str:
         from retain.models.loading import resolve_model_path

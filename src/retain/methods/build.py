@@ -168,7 +168,7 @@ def train_stage(
     if adapter is not None:
         stage.parts.append(adapter)  # last: the other parts' end of stage sees the adapted model
     train_cfg = cfg.train.model_copy(update={"seed": seed})
-    accelerator = make_accelerator(device, mixed_precision)
+    accelerator = make_accelerator(device, mixed_precision, getattr(kind, "unused_parameters", False))
     model = Trainer(model, stage.objective, train_cfg, checkpoint_dir=checkpoint_dir, log=log, accelerator=accelerator,
                     on_step=on_step).run()
     model = stage.end_stage(model, ctx)

@@ -17,6 +17,9 @@ training, holding its own copy of the policy's weights.
   stopped at the tokenizer's eos or ``max_new_tokens``; greedy is temperature 0. The result is the same ``Rollout``
   as the Hugging Face engines': completions end with eos when the model stopped, and are cut at the first eos.
 
+A vision-language model's engine (``retain.vision.vllm_engine``) is this one with its own LLM arguments, weight names
+and requests (``VLLMEngine``'s hooks).
+
 Environment: ``RETAIN_VLLM_GPU_MEMORY_UTILIZATION`` (share of the GPU vLLM may take, default 0.3: the rest trains),
 ``RETAIN_VLLM_MAX_MODEL_LEN`` (default: the model's), ``RETAIN_VLLM_DTYPE`` (default ``auto``: the checkpoint's).
 Not executed in this repository's CI (no GPU there); the logic is tested against a stand-in ``vllm`` module.
@@ -29,7 +32,7 @@ import os
 import socket
 import weakref
 from contextlib import contextmanager
-from typing import Any, Iterator
+from typing import Any, ClassVar, Iterator
 
 import torch
 from transformers import PreTrainedTokenizerBase
@@ -113,9 +116,10 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _shared_llm(vllm: Any, model: torch.nn.Module) -> Any:
+def shared_llm(vllm: Any, model: torch.nn.Module, **overrides: Any) -> Any:
     """The process's vLLM engine for ``model``'s architecture, built on first use (a different architecture
-    replaces it)."""
+    replaces it). ``overrides`` replace ``vllm.LLM`` arguments (a VLM's engine needs the tokenizer and a picture
+    limit: ``retain.vision.vllm_engine``)."""
     base = _base_model(model)
     config = base.config
     path = getattr(config, "_name_or_path", "") or getattr(base, "name_or_path", "")
@@ -148,6 +152,7 @@ def _shared_llm(vllm: Any, model: torch.nn.Module) -> Any:
     }
     if os.environ.get("RETAIN_VLLM_MAX_MODEL_LEN"):
         kwargs["max_model_len"] = int(os.environ["RETAIN_VLLM_MAX_MODEL_LEN"])
+    kwargs.update(overrides)
     _SLOT.update(key=key, llm=vllm.LLM(**kwargs), loaded=None)
     return _SLOT["llm"]
 
@@ -172,17 +177,25 @@ def _worker_model(llm: Any) -> Any:
 
 
 class VLLMEngine(RolloutEngine):
+    """Text prompts as token ids. A subclass changes what differs for its model through three hooks: the ``vllm.LLM``
+    arguments (``llm_overrides``), the names its weights go in under (``weights``) and the requests (``requests``)."""
+
     seeds_torch = False  # each sample carries its own seed into vLLM
+    llm_overrides: ClassVar[dict[str, Any]] = {}
 
     def __init__(self, model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, batch_size: int = 256) -> None:
         super().__init__(model, tokenizer, batch_size)  # vLLM schedules its own batches; batch_size is unused
         self.vllm = require_vllm()
-        self.llm = _shared_llm(self.vllm, model)
+        self.llm = shared_llm(self.vllm, model, **self.llm_overrides)
+
+    def weights(self, model: torch.nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
+        """(name, tensor) pairs as the vLLM model's ``load_weights`` takes them."""
+        return policy_weights(model)
 
     def sync_weights(self, model: torch.nn.Module | None = None) -> None:
         """Push ``model``'s (default: this engine's model's) current weights into the vLLM engine."""
         model = self.model if model is None else model
-        weights = policy_weights(model)
+        weights = self.weights(model)
         target = _worker_model(self.llm)
         with torch.no_grad():
             if target is not None:
@@ -193,8 +206,10 @@ class VLLMEngine(RolloutEngine):
         self.llm.reset_prefix_cache()
         _SLOT["loaded"] = (weakref.ref(model), _versions(model))
 
-    def sampling_params(self, count: int, temperature: float, max_new_tokens: int, greedy: bool, seed: int | None) -> list:
-        """One ``SamplingParams`` per sample (``count`` samples: ``n`` per prompt, prompt-major)."""
+    def sampling_params(self, count: int, temperature: float, max_new_tokens: int, greedy: bool, seed: int | None,
+                        **extra: Any) -> list:
+        """One ``SamplingParams`` per sample (``count`` samples: ``n`` per prompt, prompt-major); ``extra`` are
+        further ``SamplingParams`` arguments, the same for every sample."""
         eos = self.tok.eos_token_id
         return [
             self.vllm.SamplingParams(
@@ -204,6 +219,7 @@ class VLLMEngine(RolloutEngine):
                 stop_token_ids=[eos],
                 seed=None if seed is None else (seed * SEED_STRIDE + i) % 2**63,
                 detokenize=False,
+                **extra,
             )
             for i in range(count)
         ]
@@ -213,17 +229,20 @@ class VLLMEngine(RolloutEngine):
         """vLLM samples from its own copy of the weights: the training model's mode is left as it is."""
         yield
 
+    def requests(self, request: SamplingRequest) -> tuple[list[list[int]], list[dict[str, Any]]]:
+        """The prompt ids the training forward sees and the vLLM request of every row of ``request.flat``."""
+        prompt_ids = [self.encode(p) for p in request.flat]
+        return prompt_ids, [{"prompt_token_ids": ids} for ids in prompt_ids]
+
     def complete(self, request: SamplingRequest) -> tuple[list[list[int]], list[list[int]]]:
         if _SLOT["llm"] is not self.llm:  # another architecture took the process's engine meanwhile
-            self.llm = _shared_llm(self.vllm, self.model)
+            self.llm = shared_llm(self.vllm, self.model, **self.llm_overrides)
         if not _holds(self.model):
             self.sync_weights(self.model)
-        prompt_ids = [self.encode(p) for p in request.flat]
+        prompt_ids, inputs = self.requests(request)
         params = self.sampling_params(len(prompt_ids), request.temperature, request.max_new_tokens, request.greedy,
                                       request.seed)
-        outputs = self.llm.generate(
-            [{"prompt_token_ids": ids} for ids in prompt_ids], sampling_params=params, use_tqdm=False
-        )
+        outputs = self.llm.generate(inputs, sampling_params=params, use_tqdm=False)
         eos = self.tok.eos_token_id
         completions: list[list[int]] = []
         for out in outputs:

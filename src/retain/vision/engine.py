@@ -11,6 +11,7 @@ completion step is the processor and ``generate``. A request is all pictured pro
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -34,7 +35,45 @@ def picture_token_ids(config: Any) -> list[int]:
     return sorted(i for i in ids if isinstance(i, int) and i >= 0)
 
 
-class VisionEngine(RolloutEngine):
+def shows_pictures(prompts: Sequence[Any]) -> bool:
+    """Whether a request's prompts show pictures: all of them or none (a request that mixes them is refused)."""
+    pictured = sum(getattr(p, "image", None) is not None for p in prompts)
+    if 0 < pictured < len(prompts):
+        raise RetainError(f"a rollout request mixes {pictured} prompts with pictures and "
+                          f"{len(prompts) - pictured} without")
+    return pictured > 0
+
+
+class ProcessorPrompts:
+    """How a VLM's engines turn prompts into model input — the processor's text, pictures and ids — shared by
+    ``VisionEngine`` and ``retain.vision.vllm_engine.VisionVLLMEngine`` so that both hand the training loop the very
+    prompt ids its forward will see. Mixed into a ``RolloutEngine`` that has a ``processor``."""
+
+    processor: Any
+
+    def processor_inputs(self, prompts: Sequence[Any], pictured: bool) -> tuple[list[str], list[Any] | None]:
+        """Each prompt's text (a picture prompt's with its ``<image>`` placeholder, a text prompt under the chat
+        template) and, when the prompts show pictures, each one's rendered picture (a PIL image)."""
+        texts = [vision_prompt_text(p) if pictured else self._text(p) for p in prompts]
+        return texts, [p.image.render() for p in prompts] if pictured else None
+
+    def processed(self, texts: list[str], images: list[Any] | None) -> Any:
+        """The processor's batch (left-padded ``input_ids``, ``attention_mask``, ``pixel_values``): each
+        ``<image>`` expanded into the model's image tokens."""
+        self.tok.padding_side = "left"
+        return self.processor(text=texts, images=images, padding=True, return_tensors="pt")
+
+    def _text(self, prompt: str) -> str:
+        """A text prompt under the chat template, as the text engines encode it."""
+        return self.tok.decode(self.encode(prompt))
+
+
+def unpadded_ids(enc: Any) -> list[list[int]]:
+    """Each row's prompt ids without its padding."""
+    return [ids[mask.bool()].tolist() for ids, mask in zip(enc["input_ids"], enc["attention_mask"])]
+
+
+class VisionEngine(ProcessorPrompts, RolloutEngine):
     """Implements only the completion step of ``RolloutEngine``'s template. The picture tokens are suppressed in
     every completion (their logits set to −inf before sampling or argmax); their probability under the policy is
     negligible, so the sampling distribution is the policy's, renormalised without them."""
@@ -48,12 +87,7 @@ class VisionEngine(RolloutEngine):
 
     def complete(self, request: SamplingRequest) -> tuple[list[list[int]], list[list[int]]]:
         prompts, greedy = request.prompts, request.greedy
-        images = [getattr(p, "image", None) for p in prompts]
-        pictured = sum(i is not None for i in images)
-        if 0 < pictured < len(prompts):
-            raise RetainError(f"a rollout request mixes {pictured} prompts with pictures and "
-                              f"{len(prompts) - pictured} without")
-        self.tok.padding_side = "left"
+        pictured = shows_pictures(prompts)
         eos, pad = self.tok.eos_token_id, self.tok.pad_token_id
         device = next(self.model.parameters()).device
         sampling = {} if greedy else {"temperature": request.temperature, "top_k": 0, "top_p": 1.0}
@@ -62,19 +96,13 @@ class VisionEngine(RolloutEngine):
         group = request.group
         for start in range(0, len(group), self.batch_size):
             rows = group[start : start + self.batch_size]
-            texts = [vision_prompt_text(prompts[i]) if pictured else self._text(prompts[i]) for i in rows]
-            enc = self.processor(text=texts, images=[images[i].render() for i in rows] if pictured else None,
-                                 padding=True, return_tensors="pt").to(device)
+            enc = self.processed(*self.processor_inputs([prompts[i] for i in rows], pictured)).to(device)
             generated = self.model.generate(**enc, do_sample=not greedy, max_new_tokens=request.max_new_tokens,
                                             eos_token_id=eos, pad_token_id=pad, suppress_tokens=self.suppressed or None,
                                             **sampling)
             width = enc["input_ids"].shape[1]
-            for ids, mask, new in zip(enc["input_ids"], enc["attention_mask"], generated[:, width:]):
+            prompt_ids += unpadded_ids(enc)
+            for new in generated[:, width:]:
                 completion = new.tolist()
-                prompt_ids.append(ids[mask.bool()].tolist())
                 completions.append(completion if eos in completion else [t for t in completion if t != pad])
         return prompt_ids, completions
-
-    def _text(self, prompt: str) -> str:
-        """A text prompt under the chat template, as the text engines encode it."""
-        return self.tok.decode(self.encode(prompt))

@@ -7,9 +7,10 @@ measure a VLM with the same code as a text model.
   model's image tokens) and hands its pixel values along: ``encode`` gives SFT's items (``retain.data.collate``
   stacks the pictures of a batch's rows), ``pixel_values`` the rollout rows' pictures for GRPO's and the shift's
   forwards. A text prompt encodes as for the text base (every text id is unchanged in the VLM's tokenizer).
-- Rollouts go through ``VisionEngine`` (the processor and ``generate``).
+- Rollouts go through ``VisionEngine`` (the processor and ``generate``), or ``VisionVLLMEngine`` with ``engine: vllm``.
 - A column of a visual task is evaluated on the VLM with its pictures; a text column (the prior skills) on the VLM's
-  language model alone (``text_view``, sharing its weights), with the configured text engine.
+  language model alone (``text_view``, sharing its weights), with the configured text engine (with ``vllm``: the
+  VLM's vLLM engine, given the text prompts alone).
 
 What it cannot run is refused when the config is validated (``refusal``), each with its reason.
 """
@@ -40,6 +41,10 @@ class VisionModels:
     """A LLaVA-style VLM and its processor (loaded once from ``spec``; every stage's checkpoint saves the same one)."""
 
     name = "vision"
+    # LLaVA reads the vision tower's hidden states, never its pooled output, so CLIP's post_layernorm gets no
+    # gradient: DDP must look for such parameters. A single process is wrapped in DDP too when vLLM's in-process
+    # launcher has set LOCAL_RANK (accelerate reads it as a launch), so this is needed with ``engine: vllm`` on one GPU.
+    unused_parameters = True
 
     def __init__(self, spec: str | Path | None, processor: Any = None) -> None:
         self.spec = spec
@@ -103,12 +108,19 @@ class VisionModels:
         return self._encoded[prompt]
 
     def engine(self, choice: EngineChoice) -> EngineChoice:
+        """``vllm``: the VLM through vLLM (``VisionVLLMEngine``); any other choice: its processor and ``generate``."""
+        if choice == "vllm":  # imported here only, as retain.rollout.make_engine imports the text vLLM engine
+            from retain.vision.vllm_engine import VisionVLLMEngine
+
+            return lambda model, tokenizer: VisionVLLMEngine(model, self.processor)
         return lambda model, tokenizer: VisionEngine(model, self.processor)
 
     def evaluator(self, model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, engine: EngineChoice
                   ) -> ColumnEvaluator:
-        pictures = VisionEngine(model, self.processor)
-        text = make_engine(engine, text_view(model), tokenizer)
+        pictures = self.engine(engine)(model, tokenizer)
+        # vLLM holds the whole VLM: its text columns go through that engine (the language model, no picture), not a
+        # second vLLM engine for the text view (whose config names no checkpoint of its own)
+        text = pictures if engine == "vllm" else make_engine(engine, text_view(model), tokenizer)
 
         def evaluate(task_name: str, **kwargs: Any) -> dict[str, Any]:
             shows = getattr(task_registry.get(task_name), "modality", "text") == "image"
