@@ -82,3 +82,14 @@ def stand_in_vllm(monkeypatch, eos: int) -> Iterator[types.ModuleType]:
         yield module
     finally:
         vllm_engine.release()
+        forget_the_launch()
+
+
+def forget_the_launch() -> None:
+    """The engine's launcher variables make accelerate start a one-process torch.distributed group and keep it in its
+    process-wide state: drop both, or later tests in this process would train wrapped in DDP."""
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
