@@ -80,7 +80,7 @@ class PictureInputs:
             kwargs["image_grid_thw"] = self.image_grid_thw
         if self.image_token_id is not None:
             if input_ids is None:
-                raise ValueError("this model places its picture tokens by mm_token_type_ids: pass the batch's input_ids")
+                raise ValueError("this model places its picture tokens by mm_token_type_ids: give the batch's ids")
             kwargs["mm_token_type_ids"] = (input_ids == self.image_token_id).long()
         return kwargs
 
