@@ -13,6 +13,8 @@ from typing import Sequence
 import torch
 from transformers import PreTrainedTokenizerBase
 
+from retain.pictures import PictureInputs
+
 IGNORE = -100
 
 
@@ -39,15 +41,15 @@ class TokenBatch:
     step_tokens: int | None = None  # target tokens in the whole optimizer step (the loss denominator)
     step_positions: int | None = None  # attended positions in the whole step (LwF's denominator)
     first: bool = True  # the step's first micro-batch (per-step terms such as weight penalties go here)
-    pixel_values: torch.Tensor | None = None  # one picture per row that shows one, in row order (a VLM's batch)
+    pictures: PictureInputs | None = None  # one picture per row that shows one, in row order (a VLM's batch)
 
     @property
     def num_target_tokens(self) -> int:
         return int((self.labels != IGNORE).sum())
 
 
-# (prompt ids, answer ids) or, for a prompt that shows a picture, (prompt ids, answer ids, its pixel values [1, C, H, W])
-TokenPair = tuple[list[int], list[int]] | tuple[list[int], list[int], torch.Tensor | None]
+# (prompt ids, answer ids) or, for a prompt that shows a picture, (prompt ids, answer ids, its picture inputs)
+TokenPair = tuple[list[int], list[int]] | tuple[list[int], list[int], PictureInputs | None]
 
 
 def encode_text(tok: PreTrainedTokenizerBase, prompt: str, answer: str) -> TokenPair:
@@ -68,8 +70,7 @@ def collate(sequences: Sequence[TokenPair], pad_id: int) -> TokenBatch:
         input_ids[i, : len(ids)] = torch.tensor(ids)
         labels[i, len(p) : len(ids)] = torch.tensor(a)
         mask[i, : len(ids)] = 1
-    pictures = [s[2] for s in sequences if len(s) > 2 and s[2] is not None]
-    return TokenBatch(input_ids, mask, labels, pixel_values=torch.cat(pictures) if pictures else None)
+    return TokenBatch(input_ids, mask, labels, pictures=PictureInputs.cat([s[2] for s in sequences if len(s) > 2]))
 
 
 # one more micro-batch, priced in padded token positions (length_buckets): at the embedded model's size on CPU a
@@ -115,8 +116,8 @@ def model_inputs(batch: TokenBatch, device: torch.device | str) -> dict[str, tor
     positions then see real tokens, but their outputs are never read (no label, no loss). A batch with pictures
     hands them to the model too (a VLM puts their features at its image tokens)."""
     inputs = {"input_ids": batch.input_ids.to(device)}
-    if batch.pixel_values is not None:
-        inputs["pixel_values"] = batch.pixel_values.to(device)
+    if batch.pictures is not None:
+        inputs.update(batch.pictures.to(device).as_kwargs(inputs["input_ids"]))
     return inputs
 
 

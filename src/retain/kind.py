@@ -7,7 +7,8 @@ one code path for both:
 - ``resolve(spec)``: the model's directory (or hub name), checked; ``load(spec, ...)``: ``(model, tokenizer)``;
   ``saved_with(tokenizer)``: what is saved beside the weights (the tokenizer, or a VLM's processor);
 - ``encode(tokenizer, prompt, answer)``: a training item's tokens (and, for a prompt that shows a picture, its pixel
-  values: ``retain.data.TokenPair``); ``pixel_values(prompts)``: the pictures of rollout rows, stacked, or None;
+  inputs: ``retain.data.TokenPair``); ``pictures(prompts)``: the pictures of rollout rows (``retain.pictures``), or
+  None;
 - ``engine(choice)``: the rollout engine choice (a name, or a factory) the method parts and shift sample with;
 - ``evaluator(model, tokenizer, engine)``: a function scoring one evaluation column;
 - ``refusal(method, where)``: why a method cannot train this kind of model (None: it can).
@@ -31,6 +32,7 @@ from transformers import PreTrainedTokenizerBase
 
 from retain.data import TokenPair, encode_text
 from retain.errors import RetainError
+from retain.pictures import PictureInputs
 from retain.rollout import EngineChoice, make_engine
 
 # (task name, n, samples, split, seed) -> the column's cell (accuracy, n, correct, halves, pass@K)
@@ -59,7 +61,7 @@ class TextModels:
     def encode(self, tokenizer: PreTrainedTokenizerBase, prompt: str, answer: str) -> TokenPair:
         return encode_text(tokenizer, prompt, answer)
 
-    def pixel_values(self, prompts: Sequence[str]) -> torch.Tensor | None:
+    def pictures(self, prompts: Sequence[str]) -> PictureInputs | None:
         return None
 
     def engine(self, choice: EngineChoice) -> EngineChoice:

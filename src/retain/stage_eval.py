@@ -146,7 +146,7 @@ def measure_shift(base, previous, model, tokenizer, task_name: str, cfg: Experim
     prompts = [e.prompt for e in task.examples("test", cfg.shift.prompts, seed=cfg.seed)]
     max_new = getattr(task, "max_new_tokens", DEFAULT_MAX_NEW_TOKENS)
     seed = cfg.shift_seed(stage)
-    engine, pictures = cfg.rollout_engine(), cfg.kind().pixel_values  # over the text tokens given the picture
+    engine, pictures = cfg.rollout_engine(), cfg.kind().pictures  # over the text tokens given the picture
     out["from_base"] = kl_shift(base, model, tokenizer, prompts, cfg.shift.samples, max_new, seed, engine, pictures)
     if stage == 1:  # the first stage's previous model is the base: the same measurement, not made twice
         out["from_previous"] = out["from_base"]

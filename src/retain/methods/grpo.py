@@ -9,7 +9,7 @@ rollout batch (``grpo``: sequences; ``bnpo``/``dapo``: tokens; ``dr_grpo``: sequ
 
 On a vision-language model (``ctx.kind``, ``retain.kind``) the prompts carry their pictures: the engine samples
 given them, the reward reads each picture's reference (``PicturePrompt``), and every forward of the loss gets the
-rows' pixel values (those rows are not packed).
+rows' pictures (``retain.pictures.PictureInputs``; those rows are not packed).
 
 Under DDP (several processes) the rollout is sharded by prompt: each rank samples the whole groups of its contiguous
 share of the step's prompts (seed × world size + rank), and the parts are gathered, so every rank holds the same
@@ -30,6 +30,7 @@ from retain.evaluate import DEFAULT_MAX_NEW_TOKENS
 from retain.losses import aggregate, group_advantages, grpo_token_loss, token_logprobs
 from retain.methods.config import GRPOLoss, MethodConfig, OnPolicyData
 from retain.methods.stage import StageContext
+from retain.pictures import PictureInputs
 from retain.rollout import Rollout, make_engine
 from retain.tasks.base import CORRECT
 
@@ -47,7 +48,7 @@ class RolloutBatch:
     metrics: dict[str, float]
     prompt_ids: list[list[int]] | None = None  # the rows' prompt / completion tokens: what the packed forward runs
     completion_ids: list[list[int]] | None = None
-    pixel_values: torch.Tensor | None = None  # one picture per row, for a VLM on a visual task (rows not packed)
+    pictures: PictureInputs | None = None  # one picture per row, for a VLM on a visual task (rows not packed)
 
 
 class GRPOObjective:
@@ -107,15 +108,15 @@ class GRPOObjective:
             attention[i, : len(p) + len(c)] = 1
             completion[i, len(p) - 1 : len(p) + len(c) - 1] = True
         total_tokens = int(completion.sum())
-        pixels = ctx.kind.pixel_values(roll.prompts)  # the pictures the samples were drawn from (None: text)
-        if pixels is not None and len(pixels) != n:
-            raise RetainError(f"GRPO on {ctx.task_name!r}: {len(pixels)} pictures for {n} rollout rows")
+        pictures = ctx.kind.pictures(roll.prompts)  # the pictures the samples were drawn from (None: text)
+        if pictures is not None and len(pictures) != n:
+            raise RetainError(f"GRPO on {ctx.task_name!r}: {len(pictures)} pictures for {n} rollout rows")
         out = []
         for s in range(0, n, self.micro):
             sl = slice(s, s + self.micro)
             batch = RolloutBatch(
                 input_ids[sl], attention[sl], completion[sl], advantages[sl], None, None, n, total_tokens, metrics,
-                roll.prompt_ids[sl], roll.completion_ids[sl], None if pixels is None else pixels[sl],
+                roll.prompt_ids[sl], roll.completion_ids[sl], None if pictures is None else pictures.rows(sl),
             )
             if d.updates_per_batch > 1:
                 batch.old_logp = self._logp(ctx.model, batch)
@@ -147,13 +148,13 @@ class GRPOObjective:
     def _logp(self, model: torch.nn.Module, batch: RolloutBatch) -> torch.Tensor:
         """[B, L-1] log-probs of each row's next token (valid where ``completion_mask``)."""
         device = next(model.parameters()).device
-        if batch.prompt_ids is not None and batch.pixel_values is None and packable(model):
+        if batch.prompt_ids is not None and batch.pictures is None and packable(model):
             return packed_logp(model, batch.prompt_ids, batch.completion_ids, batch.input_ids.shape[1],
                                self.data.temperature, device)
-        ids, att = batch.input_ids, batch.attention_mask
-        pictures = {} if batch.pixel_values is None else {"pixel_values": batch.pixel_values.to(device)}
-        logits = model(input_ids=ids.to(device), attention_mask=att.to(device), **pictures).logits[:, :-1]
-        return token_logprobs(logits, ids[:, 1:].to(device), self.data.temperature)
+        ids, att = batch.input_ids.to(device), batch.attention_mask
+        pictures = {} if batch.pictures is None else batch.pictures.to(device).as_kwargs(ids)
+        logits = model(input_ids=ids, attention_mask=att.to(device), **pictures).logits[:, :-1]
+        return token_logprobs(logits, ids[:, 1:], self.data.temperature)
 
     def loss(self, model: torch.nn.Module, batch: RolloutBatch) -> tuple[torch.Tensor, dict[str, float]]:
         device = next(model.parameters()).device
@@ -208,7 +209,8 @@ def _without_flat_rows(batch: RolloutBatch) -> RolloutBatch:
         batch.input_ids[keep], batch.attention_mask[keep], batch.completion_mask[keep], batch.advantages[keep],
         pick(batch.old_logp), pick(batch.ref_logp), batch.total_sequences, batch.total_tokens, batch.metrics,
         None if batch.prompt_ids is None else [batch.prompt_ids[i] for i in rows],
-        None if batch.completion_ids is None else [batch.completion_ids[i] for i in rows], pick(batch.pixel_values),
+        None if batch.completion_ids is None else [batch.completion_ids[i] for i in rows],
+        None if batch.pictures is None else batch.pictures.rows(rows),
     )
 
 

@@ -18,14 +18,15 @@ import torch
 from transformers import PreTrainedTokenizerBase
 
 from retain.losses import distill_kl, token_logprobs
+from retain.pictures import PictureInputs
 from retain.rollout import EngineChoice, make_engine
 
 
 @torch.no_grad()
 def _pair_stats(sampler: torch.nn.Module, other: torch.nn.Module, prompt_ids, completion_ids, pad_id: int,
-                batch_size: int = 128, pixel_values: torch.Tensor | None = None):
+                batch_size: int = 128, pictures: PictureInputs | None = None):
     """Per-sample sums of log p_sampler − log p_other and of the exact KL(p_sampler ‖ p_other), and token counts.
-    ``pixel_values``: one picture per row (a VLM's prompts), which both models see."""
+    ``pictures``: one picture per row (a VLM's prompts), which both models see."""
     device = next(sampler.parameters()).device
     mc, exact, tokens = [], [], []
     for start in range(0, len(prompt_ids), batch_size):
@@ -39,9 +40,9 @@ def _pair_stats(sampler: torch.nn.Module, other: torch.nn.Module, prompt_ids, co
             att[i, : len(p) + len(c)] = 1
             mask[i, len(p) - 1 : len(p) + len(c) - 1] = True
         ids, att, mask = ids.to(device), att.to(device), mask.to(device)
-        pictures = {} if pixel_values is None else {"pixel_values": pixel_values[start : start + batch_size].to(device)}
-        la = sampler(input_ids=ids, attention_mask=att, **pictures).logits[:, :-1]
-        lb = other(input_ids=ids, attention_mask=att, **pictures).logits[:, :-1]
+        shown = {} if pictures is None else pictures.rows(slice(start, start + batch_size)).to(device).as_kwargs(ids)
+        la = sampler(input_ids=ids, attention_mask=att, **shown).logits[:, :-1]
+        lb = other(input_ids=ids, attention_mask=att, **shown).logits[:, :-1]
         targets = ids[:, 1:]
         diff = token_logprobs(la, targets) - token_logprobs(lb, targets)
         kl = distill_kl(lb, la, mask, direction="forward")  # KL(teacher=sampler ‖ student=other)
@@ -73,19 +74,19 @@ def kl_shift(
     max_new_tokens: int = 24,
     seed: int = 0,
     engine: EngineChoice = "kv_cache",
-    pixel_values: Callable[[Sequence[str]], torch.Tensor | None] | None = None,
+    pictures: Callable[[Sequence[str]], PictureInputs | None] | None = None,
 ) -> dict[str, dict[str, float]]:
     """``{"forward": KL(π0‖π) stats, "reverse": KL(π‖π0) stats}``, each as ``_summary`` describes. For a VLM,
-    ``engine`` is its engine and ``pixel_values`` its kind's (``retain.kind``): the KL is then over the text tokens
+    ``engine`` is its engine and ``pictures`` its kind's (``retain.kind``): the KL is then over the text tokens
     given the picture, both models seeing it."""
     out = {}
     for direction, sampler, other in (("forward", reference, model), ("reverse", model, reference)):
         roll = make_engine(engine, sampler, tokenizer).generate(
             list(prompts), n=samples, temperature=1.0, max_new_tokens=max_new_tokens, seed=seed
         )
-        pixels = None if pixel_values is None else pixel_values(roll.prompts)
+        shown = None if pictures is None else pictures(roll.prompts)
         mc, exact, tokens = _pair_stats(sampler, other, roll.prompt_ids, roll.completion_ids, tokenizer.pad_token_id,
-                                        pixel_values=pixels)
+                                        pictures=shown)
         out[direction] = _summary(mc, exact, tokens)
     return out
 

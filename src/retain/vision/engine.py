@@ -52,9 +52,10 @@ class ProcessorPrompts:
     processor: Any
 
     def processor_inputs(self, prompts: Sequence[Any], pictured: bool) -> tuple[list[str], list[Any] | None]:
-        """Each prompt's text (a picture prompt's with its ``<image>`` placeholder, a text prompt under the chat
-        template) and, when the prompts show pictures, each one's rendered picture (a PIL image)."""
-        texts = [vision_prompt_text(p) if pictured else self._text(p) for p in prompts]
+        """Each prompt's text (a picture prompt's written through the processor's chat template with the model's own
+        placeholder — LLaVA's ``<image>``, Qwen's ``<|vision_start|><|image_pad|><|vision_end|>`` — a text prompt under
+        the chat template) and, when the prompts show pictures, each one's rendered picture (a PIL image)."""
+        texts = [vision_prompt_text(p, self.processor) if pictured else self._text(p) for p in prompts]
         return texts, [p.image.render() for p in prompts] if pictured else None
 
     def processed(self, texts: list[str], images: list[Any] | None) -> Any:

@@ -5,7 +5,7 @@ measure a VLM with the same code as a text model.
   every stage's weights (so a stage directory loads with ``load_vlm`` and resumes).
 - A prompt that shows a picture (``PicturePrompt``) is encoded by the processor (its ``<image>`` expanded to the
   model's image tokens) and hands its pixel values along: ``encode`` gives SFT's items (``retain.data.collate``
-  stacks the pictures of a batch's rows), ``pixel_values`` the rollout rows' pictures for GRPO's and the shift's
+  stacks the pictures of a batch's rows), ``pictures`` the rollout rows' pictures for GRPO's and the shift's
   forwards. A text prompt encodes as for the text base (every text id is unchanged in the VLM's tokenizer).
 - Rollouts go through ``VisionEngine`` (the processor and ``generate``), or ``VisionVLLMEngine`` with ``engine: vllm``.
 - A column of a visual task is evaluated on the VLM with its pictures; a text column (the prior skills) on the VLM's
@@ -29,6 +29,7 @@ from retain.data import TokenPair, encode_answer, encode_text
 from retain.evaluate import evaluate_task
 from retain.kind import ColumnEvaluator
 from retain.models.loading import enable_gradient_checkpointing, torch_dtype
+from retain.pictures import PictureInputs
 from retain.rollout import EngineChoice, make_engine
 from retain.vision.engine import VisionEngine
 from retain.vision.model import (
@@ -49,7 +50,7 @@ class VisionModels:
     def __init__(self, spec: str | Path | None, processor: Any = None) -> None:
         self.spec = spec
         self._processor: Any = processor
-        self._encoded: dict[str, tuple[list[int], torch.Tensor]] = {}  # prompt -> (ids, pixels): processed once
+        self._encoded: dict[str, tuple[list[int], PictureInputs]] = {}  # prompt -> (ids, pictures): processed once
 
     @classmethod
     def claims(cls, spec: str | Path) -> bool:
@@ -96,15 +97,17 @@ class VisionModels:
         ids, pixels = self._pictured(prompt)
         return ids, encode_answer(tokenizer, answer), pixels
 
-    def pixel_values(self, prompts: Sequence[str]) -> torch.Tensor | None:
-        pictures = [self._pictured(p)[1] for p in prompts if getattr(p, "image", None) is not None]
-        return torch.cat(pictures) if pictures else None
+    def pictures(self, prompts: Sequence[str]) -> PictureInputs | None:
+        return PictureInputs.cat([self._pictured(p)[1] for p in prompts if getattr(p, "image", None) is not None])
 
-    def _pictured(self, prompt: Any) -> tuple[list[int], torch.Tensor]:
-        """A picture prompt's ids (its ``<image>`` expanded) and pixel values [1, C, H, W], processed once a run."""
+    def _pictured(self, prompt: Any) -> tuple[list[int], PictureInputs]:
+        """A picture prompt's ids (its picture placeholder expanded) and its picture inputs, processed once a run."""
         if prompt not in self._encoded:
-            enc = self.processor(text=[vision_prompt_text(prompt)], images=[prompt.image.render()], return_tensors="pt")
-            self._encoded[prompt] = (enc["input_ids"][0].tolist(), enc["pixel_values"])
+            processor = self.processor
+            enc = processor(text=[vision_prompt_text(prompt, processor)], images=[prompt.image.render()],
+                            return_tensors="pt")
+            picture = PictureInputs.from_processed(enc, getattr(processor, "image_token_id", None))
+            self._encoded[prompt] = (enc["input_ids"][0].tolist(), picture)
         return self._encoded[prompt]
 
     def engine(self, choice: EngineChoice) -> EngineChoice:

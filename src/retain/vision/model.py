@@ -52,8 +52,14 @@ CHAT_TEMPLATE = (
 )
 
 
-def vision_prompt_text(prompt: str) -> str:
-    """The model input for a picture followed by a question, as text (``<image>`` before the question)."""
+def vision_prompt_text(prompt: str, processor: ProcessorMixin | None = None) -> str:
+    """The model input for a picture followed by a question, as text. With ``processor``, its chat template's (one
+    image part, then the question): each model's own placeholder — Qwen2-VL's
+    ``<|vision_start|><|image_pad|><|vision_end|>``, the embedded VLM's ``<image>`` (the same text as without it).
+    Without one (or with no chat template), the embedded VLM's form: ``<image>`` before the question."""
+    if processor is not None and getattr(processor, "chat_template", None):
+        message = {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": str(prompt)}]}
+        return processor.apply_chat_template([message], add_generation_prompt=True, tokenize=False)
     return f"{USER}{IMAGE}{prompt}{ASSISTANT}"
 
 
@@ -185,8 +191,13 @@ def vlm_unknown(spec: str | Path) -> bool:
 
 def load_processor(spec: str | Path) -> ProcessorMixin:
     """The processor of a saved VLM directory or hub name (its tokenizer left-padding, for generation)."""
+    path = resolve_vlm_path(spec)
     try:
-        processor = AutoProcessor.from_pretrained(resolve_vlm_path(spec))
+        processor = AutoProcessor.from_pretrained(path)
+    except ImportError as err:  # Qwen2-VL's video processor needs torchvision; retain shows pictures only
+        from retain.vision.pictures_only import pictures_only_processor
+
+        processor = pictures_only_processor(path, err)
     except (OSError, ValueError) as err:
         raise RetainError(f"cannot load the processor of {spec!r}: {str(err).strip().splitlines()[0]}") from None
     processor.tokenizer.padding_side = "left"

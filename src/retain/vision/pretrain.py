@@ -32,6 +32,7 @@ from retain import tasks as task_registry
 from retain.data import TokenPair, encode_answer, encode_prompt
 from retain.files import atomic_write_json
 from retain.methods.sft import SFTObjective
+from retain.pictures import PictureInputs
 from retain.pretrain import check_mixture, pretrain_split
 from retain.train import TrainConfig, Trainer, lr_lambda, seed_everything
 from retain.vision.model import VISION_EMBEDDED_DIR, VISION_PRESETS, build_vlm, vision_prompt_text
@@ -188,8 +189,8 @@ def vision_sampler(processor, mixture: dict[str, float]) -> Callable[[random.Ran
         for e in task_registry.get(name).examples(pretrain_split(name), None, seed=0):
             if visual:
                 if e.prompt not in prompt_ids:  # a picture always expands to the same number of tokens
-                    prompt_ids[e.prompt] = processor(text=[vision_prompt_text(e.prompt)], images=[e.image.render()])[
-                        "input_ids"][0]
+                    prompt_ids[e.prompt] = processor(text=[vision_prompt_text(e.prompt, processor)],
+                                                     images=[e.image.render()])["input_ids"][0]
                 ids = list(prompt_ids[e.prompt])
             else:
                 ids = encode_prompt(tok, e.prompt)
@@ -205,7 +206,7 @@ def vision_sampler(processor, mixture: dict[str, float]) -> Callable[[random.Ran
                 continue
             scene = dataclasses.replace(scene, seed=rng.randrange(1 << 30))
             pixels = processor.image_processor([scene.render()], return_tensors="pt")["pixel_values"]
-            out.append((ids, rng.choice(answers), pixels))
+            out.append((ids, rng.choice(answers), PictureInputs(pixels)))
         return out
 
     return sample
