@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_vision_run import GRPO, SFT, one_thread  # noqa: F401  (one_thread: autouse, the tiny VLMs' one thread)
+from test_vision_run import GRPO, SFT
 from transformers import (
     AutoTokenizer, Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2_5_VLProcessor,
 )
@@ -32,6 +32,8 @@ from retain.runner import run_experiment
 from retain.vision.model import VISION_EMBEDDED_DIR, load_processor, load_vlm, text_view, vision_prompt_text
 from retain.vision.pictures_only import PicturesOnly
 from retain.vision.tasks import CountTask
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: the tiny VLMs run fastest on one thread
 
 VISION_TOKENS = ["<|vision_start|>", "<|image_pad|>", "<|vision_end|>", "<|video_pad|>"]
 # Qwen's template shape on the embedded base's chat markers: an image part is
