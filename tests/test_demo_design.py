@@ -92,3 +92,22 @@ def test_bad_demo_arguments_are_one_clear_error(tmp_path) -> None:
     with pytest.raises(RetainError, match="--lrs"):
         run_demo(tmp_path, "quick", lrs=[-1.0])
     assert not any(tmp_path.iterdir())  # nothing written
+
+
+def test_stage_steps_and_sft_target_apply_to_every_method_alike() -> None:
+    from retain.demo import DemoPreset
+
+    preset = DemoPreset(name="x", sequence=["sort", "gpoints"], methods=["sft", "grpo", "sft_likely", "multitask"],
+                        seeds=[0], lrs=[1e-4], steps=8, stage_steps={"gpoints": 3}, sft_target="every")
+    runs = expand(demo_sweep(preset, preset.methods), "x")
+    for run in runs:
+        assert [run.experiment.stage_method(k).train.steps for k in range(2)] == [8, 3]
+    data = {r.values["method"]["name"]: r.experiment.stage_method(0).data for r in runs}
+    assert data["sft"].target == "every"
+    assert data["sft_likely"].target == "likely"  # a method's own target is kept
+    assert data["multitask"].target == "canonical" and data["grpo"].kind == "on_policy"
+    assert preset.budget("sft")["stage_steps"] == {"sort": 8, "gpoints": 3}
+    with pytest.raises(ValueError, match="stage_steps: kg not in the sequence"):
+        DemoPreset(name="x", sequence=["sort"], seeds=[0], lrs=[1e-4], steps=8, stage_steps={"kg": 2})
+    with pytest.raises(ValueError, match="stage_steps"):
+        DemoPreset(name="x", sequence=["sort"], seeds=[0], lrs=[1e-4], steps=8, stage_steps={"sort": 0})

@@ -587,6 +587,33 @@ def test_reference_pairs_targets(micro_model, tokenizer, registry):
         assert a1 != a2
 
 
+class UnevenAnswers(StubTask):
+    """Two prompts: one with a single answer, one with five."""
+
+    def examples(self, split, n=None, seed=0):
+        return [Example(prompt="one q", answer="a", answers=("a",)),
+                Example(prompt="five q", answer="b0", answers=tuple(f"b{i}" for i in range(5)))]
+
+
+def test_target_every_draws_prompts_uniformly_then_every_answer(micro_model, tokenizer, registry):
+    task = registry["stub"] = UnevenAnswers()
+    cfg = method_config({"name": "sft", "data": {"kind": "offline", "target": "every"}})
+    src = build_source(cfg, make_ctx(micro_model, tokenizer, task), None)
+    assert src.groups == [[("one q", "a")], [("five q", f"b{i}") for i in range(5)]]
+    batch = src.sample(random.Random(0), 2000, 0)
+    assert batch == src.sample(random.Random(0), 2000, 0)  # seeded
+    ones = sum(p == "one q" for p, _ in batch)
+    assert 900 < ones < 1100, ones  # prompt-uniform: pair-uniform would give ~333
+    fives = [a for p, a in batch if p == "five q"]
+    assert set(fives) == {f"b{i}" for i in range(5)}
+    assert all(120 < fives.count(f"b{i}") < 280 for i in range(5))
+    # with the task's templates, each group holds every (template, answer) pair of its prompt
+    varied = method_config({"name": "sft", "data": {"kind": "offline", "target": "every", "prompts": "varied"}})
+    task.prompt_variants = lambda prompt: [prompt, prompt.upper()]
+    src = build_source(varied, make_ctx(micro_model, tokenizer, task), None)
+    assert src.groups[0] == [("one q", "a"), ("ONE Q", "a")] and len(src.groups[1]) == 10
+
+
 def test_with_replay_mixes_round_ratio_k():
     new = FixedPairs([("new q", "a")], "t")
     buffers = {"old1": [("old1 q", "b")], "old2": [("old2 q", "c")], "empty": []}

@@ -36,9 +36,15 @@ def test_vision_preset_gives_sft_and_grpo_the_same_steps_on_the_embedded_vlm() -
     assert VISION.model == "vlm" and VISION.methods == ["sft", "grpo"] and VISION.sequence == SEQ
     assert len(runs) == 2 * len(VISION.lrs) * len(VISION.seeds) and len(VISION.seeds) >= 3
     assert {r.experiment.model for r in runs} == {"vlm"}
-    budgets = {(r.experiment.stage_method(k).train.steps, r.experiment.stage_method(k).train.warmup_steps)
-               for r in runs for k in range(2)}
-    assert budgets == {(VISION.steps, VISION.warmup_steps)}
+    # each stage the same steps for both methods: GeneralPoints-VL the preset's steps, vcolor its own
+    for k, task in enumerate(SEQ):
+        budgets = {(r.experiment.stage_method(k).train.steps, r.experiment.stage_method(k).train.warmup_steps)
+                   for r in runs}
+        assert budgets == {(VISION.steps_of(task), VISION.warmup_steps)}
+    assert VISION.steps_of("gpoints_vl") == VISION.steps and VISION.steps_of("vcolor") == VISION.stage_steps["vcolor"]
+    # SFT draws among every correct answer of a GeneralPoints-VL prompt; GRPO samples its own
+    sft = parse_experiment(VISION.experiment("x", "sft", VISION.lrs[0], 0, "vlm")).stage_method(0)
+    assert sft.data.kind == "offline" and sft.data.target == VISION.sft_target == "every"
     # one lr grid for both methods; fewer than 4 lrs only with the reason stated in the preset
     per_method = {m: sorted({r.values["method.train.lr"] for r in runs if r.values["method"]["name"] == m})
                   for m in VISION.methods}
@@ -286,7 +292,7 @@ def test_a_method_that_never_learns_gpoints_vl_is_not_reached(tmp_path: Path) ->
 def test_the_vision_demo_runs_end_to_end_at_a_microscopic_budget(tmp_path: Path, monkeypatch, one_thread) -> None:
     columns = VISION.eval_columns()
     tiny = VISION.model_copy(update={
-        "seeds": [0], "lrs": [1e-4], "steps": 2, "warmup_steps": 0, "checkpoints": 1, "sft_batch": 2,
+        "seeds": [0], "lrs": [1e-4], "steps": 2, "stage_steps": {}, "warmup_steps": 0, "checkpoints": 1, "sft_batch": 2,
         "grpo_prompts": 2, "grpo_group": 2, "shift_prompts": 2, "token_examples": 4,
         "n_per_task": {c: 4 for c in [*columns, "facts", "reverse", "arith"] if c != "prior"}})
     monkeypatch.setitem(PRESETS, "vision", tiny)

@@ -27,7 +27,7 @@ import platform
 import resource
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Annotated, Any, Callable, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -59,6 +59,15 @@ VISION_PROBES = ["cards", "cards@ood"]  # card recognition, the perception probe
 # at pass@16.
 OOD_COLUMNS = {"gpoints": ["gpoints@ood"], "kg": ["kg@ood_composition", "kg@ood_zeroshot"],
                "gpoints_vl": ["gpoints_vl@ood", "gpoints_vl@ood_visual"]}
+
+
+def takes_reference_target(method: str) -> bool:
+    """Whether ``method`` trains on the task's reference answers with the canonical one chosen (sft, replay, EAFT, …):
+    the methods a preset's ``sft_target`` applies to. A method with its own target (sft_likely) keeps it."""
+    from retain.methods.config import OfflineData, method_config
+
+    data = method_config(method).data
+    return isinstance(data, OfflineData) and data.target == "canonical"
 
 
 def on_policy(method: str) -> bool:
@@ -109,15 +118,26 @@ class DemoPreset(BaseModel):
     # method and the lr grid apply to the other stages
     fixed_stages: dict[str, str] = Field(default_factory=dict)
     fixed_lr: float = Field(1e-4, gt=0)
+    # a stage's own step count where it differs from ``steps`` (task → steps, the same for every method: SPEC §2.4's
+    # equal budget is per stage across methods, not across stages)
+    stage_steps: dict[str, Annotated[int, Field(ge=1)]] = Field(default_factory=dict)
+    # which reference answer the SFT-family methods on offline data train on (SPEC §2.4's target choice; a method that
+    # fixes its own target, as sft_likely does, keeps it): "every" draws among all of a prompt's correct answers
+    sft_target: Literal["canonical", "random", "every"] = "canonical"
 
     @model_validator(mode="after")
-    def _fixed_stages_are_stages(self) -> DemoPreset:
-        stray = [t for t in self.fixed_stages if t not in self.sequence]
-        if stray:
-            raise ValueError(f"fixed_stages: {', '.join(stray)} not in the sequence ({', '.join(self.sequence)})")
+    def _stages_named_are_stages(self) -> DemoPreset:
+        for field, named in (("fixed_stages", self.fixed_stages), ("stage_steps", self.stage_steps)):
+            stray = [t for t in named if t not in self.sequence]
+            if stray:
+                raise ValueError(f"{field}: {', '.join(stray)} not in the sequence ({', '.join(self.sequence)})")
         if len(self.fixed_stages) >= len(self.sequence):
             raise ValueError("fixed_stages: at least one stage must train the method compared")
         return self
+
+    def steps_of(self, task: str) -> int:
+        """Optimizer steps of ``task``'s stage, every method."""
+        return self.stage_steps.get(task, self.steps)
 
     def eval_columns(self) -> list[str]:
         """Each stage task on its full held-out split and on its training prompts (apart, SPEC §2.4; a fixed stage
@@ -135,10 +155,11 @@ class DemoPreset(BaseModel):
         return [*self.sequence, *ood, *self.probes, *(["prior"] if self.checkpoint_prior else [])]
 
     def budget(self, method: str) -> dict[str, Any]:
-        """What one stage gives ``method``: steps, and sequences per step (rollouts for GRPO)."""
+        """What a stage gives ``method``: steps (``stage_steps``: each stage's), and sequences per step (rollouts
+        for GRPO); ``sequences`` is a stage of ``steps``."""
         per_step = self.grpo_prompts * self.grpo_group if on_policy(method) else self.sft_batch
-        return {"steps": self.steps, "warmup_steps": self.warmup_steps, "sequences_per_step": per_step,
-                "sequences": per_step * self.steps}
+        return {"steps": self.steps, "stage_steps": {t: self.steps_of(t) for t in self.sequence},
+                "warmup_steps": self.warmup_steps, "sequences_per_step": per_step, "sequences": per_step * self.steps}
 
     def method_dict(self, method: str, lr: float) -> dict[str, Any]:
         train = {"steps": self.steps, "lr": lr, "warmup_steps": self.warmup_steps, "log_every": 5}
@@ -152,13 +173,19 @@ class DemoPreset(BaseModel):
                 out["data"]["epoch_steps"] = max(1, self.steps // 2)
         if method == "replay":
             out["replay"] = {"prior_ratio": self.replay_prior}
+        if self.sft_target != "canonical" and takes_reference_target(method):
+            out.setdefault("data", {})["target"] = self.sft_target
         return out
 
     def stage_dict(self, task: str) -> dict[str, Any]:
-        """One stage: a fixed stage carries its own method (the sweep's ``method`` grid sets the others)."""
+        """One stage: a fixed stage carries its own method (the sweep's ``method`` grid sets the others), a stage of
+        ``stage_steps`` its own steps."""
+        stage: dict[str, Any] = {"task": task}
         if task in self.fixed_stages:
-            return {"task": task, "method": self.method_dict(self.fixed_stages[task], self.fixed_lr)}
-        return {"task": task}
+            stage["method"] = self.method_dict(self.fixed_stages[task], self.fixed_lr)
+        if task in self.stage_steps:
+            stage["steps"] = self.stage_steps[task]
+        return stage
 
     def experiment(self, name: str, method: str, lr: float, seed: int, base: str) -> dict[str, Any]:
         return {
@@ -203,15 +230,19 @@ PRESETS = {
     "atomic": DemoPreset(name="atomic", sequence=list(ATOMIC_SEQUENCE), fixed_stages={"facts": "sft"},
                          seeds=list(range(8)), lrs=[5e-5, 1e-4, 2e-4, 4e-4], steps=320, checkpoints=8),
     # vision: the visual findings (V1–V5) — SFT against GRPO from the embedded VLM on GeneralPoints-VL → vcolor, the
-    # vision configs' batches (SFT 16 sequences a step, GRPO 8 pictures × 8 samples, binary reward), 120 steps and 5
-    # checkpoints a stage; checkpoints read the OOD splits and card recognition (what V1–V3o decide on), the text
-    # priors only at stage ends (no visual finding reads them). Sized from one timed run at 10 steps a stage; its
-    # first full run (README): ~28 min for the 24 runs on this 2-core machine beside other work, vcolor learned by
-    # both methods, GeneralPoints-VL by neither (+3.5 / +4.0 pts), so V1–V4 read "not reached" at this budget
+    # vision configs' batches (SFT 16 sequences a step, GRPO 8 pictures × 8 samples, binary reward); checkpoints read
+    # the OOD splits and card recognition (what V1–V3o decide on), the text priors only at stage ends (no visual
+    # finding reads them). The budget, from pilots (seed 0, GeneralPoints-VL alone, 8 checkpoints, fixed 246/246
+    # selection/test halves; README): at 120 steps a stage (this preset's first design, 24 runs) neither method
+    # learned GeneralPoints-VL (+3.5 / +4.0 pts held-out). At 640 steps GRPO 1e-4 gained +11.8 (best selection
+    # checkpoint 560) while SFT on each prompt's one canonical answer memorised it (92% of training prompts, best +6.9
+    # held-out); SFT drawing among every correct answer (``sft_target: every``, 4.8 a prompt) trained to 59–63% on
+    # training prompts and gained +11.4 held-out at 1e-4 (+8.9 at 5e-5). So GeneralPoints-VL gets 640 steps and 8
+    # checkpoints, SFT every answer; vcolor keeps the 120 steps both methods learned it in
     "vision": DemoPreset(
         name="vision", model="vlm", sequence=list(VISION_SEQUENCE), seeds=[0, 1, 2, 3], lrs=[5e-5, 1e-4, 2e-4],
-        steps=120, checkpoints=5, sft_batch=16, grpo_prompts=8, grpo_group=8, probes=list(VISION_PROBES),
-        checkpoint_prior=False,
+        steps=640, stage_steps={"vcolor": 120}, checkpoints=8, sft_target="every", sft_batch=16, grpo_prompts=8,
+        grpo_group=8, probes=list(VISION_PROBES), checkpoint_prior=False,
         # every held-out puzzle of GeneralPoints-VL (492, cut into selection and test halves for the gate) and every
         # card-recognition hand (155, and its red-suit twin); 300 of the OOD splits and of vcolor, 100 of each text
         # prior (the VLM keeps them at 94–100%, README) and of the training prompts
@@ -219,9 +250,9 @@ PRESETS = {
                     "vcolor@train": 100, "facts": 100, "reverse": 100, "arith": 100},
         shift_prompts=16, token_examples=64,
         lr_note="3 lrs, ×2 apart around the vision configs' 1e-4 (at 3e-4 both methods wrecked card recognition in "
-                "100 steps, README), × 4 seeds: 12 (lr, seed) cells are ~35 min on 2 cores, inside the hour with "
-                "room for the estimate's error (16 cells would be ~47 min); and at 12 cells a fourth seed narrows the "
-                "paired intervals (t 3.18 / √4 against 4.30 / √3) more than a fourth lr would help the frontier"),
+                "100 steps, README; in the pilots GRPO collapsed at 2e-4), × 4 seeds: 24 runs of 760 steps are about "
+                "an hour on 2 cores; at that cost a fourth seed narrows the paired intervals (t 3.18 / √4 against "
+                "4.30 / √3) more than a fourth lr would help the frontier"),
 }
 
 

@@ -33,12 +33,14 @@ MAX_TOKENS = 1 << 17  # sampling length
 # --- where the training tokens come from -------------------------------------------------------------------------
 class OfflineData(_Strict):
     """The task's reference targets. ``target`` picks among several correct answers (SPEC §2.4): the canonical one,
-    a seeded random one, or the most / least likely under the stage's initial model. ``prompts: varied`` trains on
+    a seeded random one, the most / least likely under the stage's initial model, or ``every`` one of them (each draw
+    picks a prompt, then one of its answers: a prompt keeps its weight however many answers it has, and the model sees
+    every correct answer rather than one fixed mapping — answer diversity). ``prompts: varied`` trains on
     every prompt template the task offers (``Task.prompt_variants``; GeneralPoints has five) instead of its one
     frozen template (Debunk, arXiv 2510.00237); evaluation keeps the task's own template."""
 
     kind: Literal["offline"] = "offline"
-    target: Literal["canonical", "random", "likely", "unlikely"] = "canonical"
+    target: Literal["canonical", "random", "likely", "unlikely", "every"] = "canonical"
     prompts: Literal["task", "varied"] = "task"
 
 

@@ -1,6 +1,7 @@
 """Data sources of the SFT family: each yields (prompt, answer) text pairs for a step.
 
-- offline: the task's reference answers; with several correct answers, ``target`` chooses (SPEC §2.4).
+- offline: the task's reference answers; with several correct answers, ``target`` chooses (SPEC §2.4), or keeps
+  ``every`` one (a prompt drawn uniformly, then one of its answers).
 - self: samples of the stage's initial model (or of ``source_model``), kept if correct — built once at stage start.
 - iterative: the same from the *current* model, rebuilt every ``epoch_steps`` steps.
 - multitask: reference answers of every task seen so far, drawn task-uniformly.
@@ -52,12 +53,36 @@ class ReferencePairs(FixedPairs):
     every template of the task (``prompts: varied``)."""
 
     @classmethod
-    def build(cls, cfg: MethodConfig, ctx: StageContext, load_model: ModelLoader) -> ReferencePairs:
+    def build(cls, cfg: MethodConfig, ctx: StageContext, load_model: ModelLoader) -> ReferencePairs | EveryAnswer:
         data, what = cfg.data, f"{cfg.name} on {ctx.task_name!r}"
+        if data.target == "every":
+            groups = every_answer(ctx.task_name)
+            if data.prompts == "varied":
+                groups = [varied_prompts(ctx.task, group, what) for group in groups]
+            return EveryAnswer(groups, what)
         pairs = reference_pairs(ctx, ctx.task_name, data.target, ctx.seed)
         if data.prompts == "varied":
             pairs = varied_prompts(ctx.task, pairs, what)
         return cls(pairs, what)
+
+
+class EveryAnswer:
+    """offline data with ``target: every``: one group of pairs per training prompt (each of its correct answers); a
+    draw picks a group uniformly, then a pair of it uniformly, so a prompt with six answers weighs what a prompt with
+    one does."""
+
+    def __init__(self, groups: Sequence[Sequence[TextPair]], what: str) -> None:
+        self.groups = [list(g) for g in groups if g]
+        if not self.groups:
+            raise RetainError(f"{what}: no training examples")
+
+    def sample(self, rng: random.Random, k: int, step: int) -> list[TextPair]:
+        return [rng.choice(rng.choice(self.groups)) for _ in range(k)]
+
+
+def every_answer(task_name: str) -> list[list[TextPair]]:
+    """The train split's prompts, each with every reference answer it has, in the split's fixed order."""
+    return [[(e.prompt, a) for a in e.answers] for e in task_registry.get(task_name).examples("train", None, seed=0)]
 
 
 class SelfSampledPairs(FixedPairs):
